@@ -1,0 +1,197 @@
+"""The command line: ``azregfs mount``, ``azregfs unmount`` and ``azregfs demo``.
+
+``mount`` proves the account and container work before anything is mounted, then either
+serves in the foreground or forks a daemon and returns once the mount is live (exit 0) or
+has failed (non-zero, with the daemon's one-line reason), as sshfs and s3ql do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import time
+
+from . import config
+from .config import Config, ConfigError
+from .driver import StorageError, check_access
+
+log = logging.getLogger("azregfs")
+
+
+def _mount_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("mount", help="mount a container")
+    p.add_argument("container", nargs="?", help="container name (or 'container' in the config)")
+    p.add_argument("mountpoint")
+    p.add_argument("--config", "-c", help="YAML file: our keys, or a registry config.yml")
+    p.add_argument("-o", dest="options", action="append", default=[],
+                   help="mount options key=value,... (fstab style)")
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    p.add_argument("--create-container", action="store_true", default=None)
+    p.add_argument("--account-name", dest="accountname")
+    p.add_argument("--realm")
+    p.add_argument("--endpoint", help="blob service URL (Azurite, private endpoint)")
+    p.add_argument("--rootdirectory", help="blob-name prefix shown as the mount's root")
+    p.add_argument("--uid", type=int)
+    p.add_argument("--gid", type=int)
+    p.add_argument("--umask")
+    p.add_argument("--allow-other", dest="allow_other", action="store_true", default=None)
+    p.add_argument("--cache-dir", dest="cache_dir")
+    p.add_argument("--log-level", dest="log_level")
+    p.add_argument("--log-file", dest="log_file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="azregfs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _mount_parser(sub)
+    u = sub.add_parser("unmount", help="flush and unmount")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=60.0)
+    d = sub.add_parser("demo", help="mount a demo container (a local Azurite without account)")
+    d.add_argument("--mountpoint", default="mnt")
+    d.add_argument("--registry", action="store_true",
+                   help="also run docker-registry on the mount and push a sample image")
+    d.add_argument("--stop", action="store_true", help="unmount the demo and stop its Azurite")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
+    mount_options: dict[str, str] = {}
+    passthrough: set[str] = set()
+    for text in args.options:
+        ours, extra = config.parse_mount_options(text)
+        mount_options.update(ours)
+        passthrough |= extra
+    config_file = args.config or mount_options.pop("config", None)
+    flags = {
+        "container": args.container, "accountname": args.accountname, "realm": args.realm,
+        "endpoint": args.endpoint, "rootdirectory": args.rootdirectory, "uid": args.uid,
+        "gid": args.gid, "umask": args.umask, "allow_other": args.allow_other,
+        "create_container": args.create_container, "cache_dir": args.cache_dir,
+        "log_level": args.log_level, "log_file": args.log_file,
+    }
+    return config.build(config_file, os.environ, mount_options, flags), passthrough
+
+
+def setup_logging(cfg: Config, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(cfg.log_level.upper())
+    if cfg.log_file:
+        handler: logging.Handler = logging.FileHandler(cfg.log_file)
+        os.chmod(cfg.log_file, 0o640)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("azregfs[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        return
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    for noisy in ("azure", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ConfigError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise ConfigError(f"{path} is already a mount point")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .daemon import Daemon  # pyfuse3 is only needed when mounting
+
+    try:
+        cfg, passthrough = load_config(args)
+        mountpoint = os.path.abspath(args.mountpoint)
+        check_mountpoint(mountpoint)
+        setup_logging(cfg, foreground=True)
+        check_access(cfg)
+    except (ConfigError, StorageError) as exc:
+        print(f"azregfs: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    if args.foreground:
+        return Daemon(cfg, mountpoint, passthrough).run(on_ready=lambda: None)
+    return _daemonize(cfg, mountpoint, passthrough)
+
+
+def _daemonize(cfg: Config, mountpoint: str, passthrough: set[str]) -> int:
+    from .daemon import Daemon
+
+    read_end, write_end = os.pipe()
+    if os.fork():
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message == "OK":
+            return 0
+        print(f"azregfs: {message or 'the daemon exited before the mount was live'}",
+              file=sys.stderr)
+        return 1
+    os.close(read_end)
+    os.setsid()
+    setup_logging(cfg, foreground=False)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+
+    def ready() -> None:
+        os.write(write_end, b"OK")
+        os.close(write_end)
+
+    try:
+        code = Daemon(cfg, mountpoint, passthrough).run(on_ready=ready)
+    except Exception as exc:  # noqa: BLE001 - reported to the waiting parent
+        log.error("mount failed: %s", exc)
+        try:
+            os.write(write_end, str(exc).encode())
+        except OSError:
+            pass
+        code = 1
+    os._exit(code)
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        print(f"azregfs: {mountpoint} is not mounted", file=sys.stderr)
+        return 1
+    try:
+        pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+    except OSError:
+        pid = 0
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"azregfs: {result.stderr.strip() or 'fusermount3 -u failed'}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while pid and time.monotonic() < deadline:  # the daemon commits, then exits
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        return cmd_mount(args)
+    if args.command == "unmount":
+        return cmd_unmount(args)
+    from .demo import run_demo
+
+    return run_demo(args.mountpoint, with_registry=args.registry, stop_demo=args.stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

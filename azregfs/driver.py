@@ -1,0 +1,477 @@
+"""The storage driver: every Azure Blob call, and the mapping of its errors to errno.
+
+Nothing else in azregfs imports the SDK. Calls run the synchronous azure-storage-blob
+client in worker threads (``trio.to_thread.run_sync``) behind one CapacityLimiter, so the
+event loop never blocks and the number of requests in flight is bounded. Names passed in
+and out are full blob names (the rootdirectory prefix included); the namespace maps paths.
+
+Every method raises ``StorageError`` (with an errno) and nothing else; the message is one
+line an operator can act on and never contains a credential.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import requests
+import trio
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import (
+    BlobBlock,
+    BlobPrefix,
+    BlobProperties,
+    BlobType,
+    ContainerClient,
+    ContentSettings,
+    ExponentialRetry,
+)
+
+from .config import Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MARKER_KEY = "hdi_isfolder"
+MAX_NAME = 1024
+LIST_PAGE = 5000
+
+
+class StorageError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+@dataclass
+class BlobInfo:
+    name: str
+    size: int
+    etag: str
+    mtime: float  # Last-Modified, seconds since the epoch
+    metadata: dict[str, str] = field(default_factory=dict)
+    blob_type: str = "BlockBlob"  # BlockBlob | AppendBlob | PageBlob
+    content_type: str | None = None
+
+    @property
+    def is_marker(self) -> bool:
+        return self.metadata.get(MARKER_KEY, "").lower() == "true"
+
+    @property
+    def is_append(self) -> bool:
+        return self.blob_type == "AppendBlob"
+
+
+@dataclass
+class CommittedBlock:
+    block_id: str
+    size: int
+
+
+def _info(props: BlobProperties) -> BlobInfo:
+    blob_type = props.blob_type
+    type_name = blob_type.value if isinstance(blob_type, BlobType) else str(blob_type or "BlockBlob")
+    settings = props.content_settings
+    return BlobInfo(
+        name=props.name,
+        size=props.size or 0,
+        etag=props.etag or "",
+        mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
+        metadata=dict(props.metadata or {}),
+        blob_type=type_name,
+        content_type=settings.content_type if settings else None,
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """One line, without headers or credentials."""
+    if isinstance(exc, HttpResponseError):
+        code = getattr(exc, "error_code", None) or ""
+        code = getattr(code, "value", code)
+        status = getattr(exc, "status_code", None) or ""
+        reason = getattr(exc, "reason", None) or ""
+        return f"HTTP {status} {code or reason}".strip()
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def map_error(exc: BaseException, what: str) -> StorageError:
+    if isinstance(exc, ResourceNotFoundError):
+        return StorageError(errno.ENOENT, f"{what}: not found")
+    if isinstance(exc, ResourceModifiedError):
+        return StorageError(errno.ESTALE, f"{what}: changed by another writer ({describe(exc)})")
+    if isinstance(exc, ResourceExistsError):
+        return StorageError(errno.EEXIST, f"{what}: already exists ({describe(exc)})")
+    if isinstance(exc, ClientAuthenticationError):
+        return StorageError(errno.EACCES, f"{what}: access denied ({describe(exc)})")
+    if isinstance(exc, HttpResponseError):
+        status = exc.status_code
+        if status == 403:
+            return StorageError(errno.EACCES, f"{what}: access denied ({describe(exc)})")
+        if status == 412:
+            return StorageError(errno.ESTALE, f"{what}: changed by another writer")
+        if status == 409 and (exc.error_code or "") in ("BlobAlreadyExists",):
+            return StorageError(errno.EEXIST, f"{what}: already exists")
+        if status == 400 and (exc.error_code or "") in ("InvalidResourceName", "InvalidUri"):
+            return StorageError(errno.EINVAL, f"{what}: invalid name")
+        return StorageError(errno.EIO, f"{what}: {describe(exc)}")
+    if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
+        return StorageError(errno.EIO, f"{what}: cannot reach the storage service ({describe(exc)})")
+    if isinstance(exc, AzureError):
+        return StorageError(errno.EIO, f"{what}: {describe(exc)}")
+    return StorageError(errno.EIO, f"{what}: {type(exc).__name__}: {describe(exc)}")
+
+
+@dataclass
+class Stats:
+    """Counters readable by tests and the benchmark (bytes really sent and received)."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    requests: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, op: str, up: int = 0, down: int = 0) -> None:
+        with self.lock:
+            self.requests[op] += 1
+            self.bytes_up += up
+            self.bytes_down += down
+
+    def as_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                    "requests": dict(self.requests)}
+
+
+def _make_container_client(cfg: Config, *, retries: int, timeout: float) -> ContainerClient:
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=cfg.max_concurrency + 4)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    common: dict[str, Any] = {
+        "transport": RequestsTransport(session=session, session_owner=True),
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retries),
+        "connection_timeout": min(timeout, 10.0),
+        "read_timeout": timeout,
+        "max_single_put_size": 64 * 1024 * 1024,
+        "max_single_get_size": 64 * 1024 * 1024,
+    }
+    if cfg.connection_string and not cfg.endpoint:
+        return ContainerClient.from_connection_string(
+            cfg.connection_string, cfg.container, **common
+        )
+    return ContainerClient(cfg.account_url, cfg.container, credential=_credential(cfg), **common)
+
+
+def _credential(cfg: Config) -> Any:
+    kind = cfg.credentials.type
+    if kind == "client_secret":
+        from azure.identity import ClientSecretCredential
+
+        return ClientSecretCredential(
+            cfg.credentials.tenantid, cfg.credentials.clientid, cfg.credentials.secret
+        )
+    if kind == "default_credentials":
+        from azure.identity import DefaultAzureCredential
+
+        return DefaultAzureCredential()
+    if cfg.sas_token and kind != "shared_key":
+        from azure.core.credentials import AzureSasCredential
+
+        return AzureSasCredential(cfg.sas_token.lstrip("?"))
+    if cfg.connection_string:
+        parts = dict(
+            item.split("=", 1) for item in cfg.connection_string.split(";") if "=" in item
+        )
+        if parts.get("AccountKey"):
+            return {"account_name": parts.get("AccountName", ""), "account_key": parts["AccountKey"]}
+        if parts.get("SharedAccessSignature"):
+            from azure.core.credentials import AzureSasCredential
+
+            return AzureSasCredential(parts["SharedAccessSignature"])
+    if cfg.accountkey:
+        return {"account_name": cfg.accountname, "account_key": cfg.accountkey}
+    return None  # anonymous (public container)
+
+
+def check_access(cfg: Config) -> None:
+    """Prove the account and container work before mounting; raise StorageError if not.
+
+    Synchronous on purpose: it runs in the CLI before the daemon and its event loop start.
+    """
+    client = _make_container_client(cfg, retries=1, timeout=min(cfg.timeout, 10.0))
+    where = f"container {cfg.container!r} at {client.primary_endpoint.split('?')[0]}"
+    try:
+        client.get_container_properties()
+    except ResourceNotFoundError:
+        if not cfg.create_container:
+            raise StorageError(
+                errno.ENOENT, f"{where} does not exist (create it, or pass --create-container)"
+            ) from None
+        try:
+            client.create_container()
+            log.info("created %s", where)
+        except ResourceExistsError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            raise map_error(exc, f"creating {where}") from None
+    except ClientAuthenticationError as exc:
+        raise StorageError(
+            errno.EACCES,
+            f"authentication failed for {where} ({describe(exc)}): check the account key, "
+            "SAS token or credentials",
+        ) from None
+    except HttpResponseError as exc:
+        if exc.status_code == 403:
+            raise StorageError(
+                errno.EACCES,
+                f"access denied to {where} ({describe(exc)}): check the account key, "
+                "SAS token or credentials",
+            ) from None
+        raise map_error(exc, where) from None
+    except (ServiceRequestError, ServiceResponseError) as exc:
+        raise StorageError(
+            errno.EHOSTUNREACH, f"cannot reach {where}: {describe(exc)}"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise map_error(exc, where) from None
+    finally:
+        client.close()
+
+
+class Driver:
+    """Async facade over one container. All names are full blob names."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.container = _make_container_client(cfg, retries=3, timeout=cfg.timeout)
+        self.limiter = trio.CapacityLimiter(cfg.max_concurrency)
+        self.stats = Stats()
+
+    def close(self) -> None:
+        self.container.close()
+
+    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every SDK error becomes a StorageError
+            raise map_error(exc, what) from None
+
+    def _blob(self, name: str) -> Any:
+        return self.container.get_blob_client(name)
+
+    # -- metadata --------------------------------------------------------------------------
+
+    async def head(self, name: str) -> BlobInfo | None:
+        def call() -> BlobInfo | None:
+            self.stats.count("head")
+            try:
+                return _info(self._blob(name).get_blob_properties())
+            except ResourceNotFoundError:
+                return None
+
+        return await self._run(f"HEAD {name}", call)
+
+    async def has_children(self, prefix: str) -> bool:
+        """True if any blob name starts with prefix (which ends in '/')."""
+
+        def call() -> bool:
+            self.stats.count("list")
+            pages = self.container.list_blobs(name_starts_with=prefix, results_per_page=1).by_page()
+            return any(True for _ in next(pages, []))
+
+        return await self._run(f"LIST {prefix}", call)
+
+    async def list_level(
+        self, prefix: str
+    ) -> AsyncIterator[tuple[list[BlobInfo], list[str]]]:
+        """Yield pages of (blobs, sub-prefixes) directly under prefix (delimiter '/')."""
+        pages = self.container.walk_blobs(
+            name_starts_with=prefix or None, include=["metadata"], delimiter="/",
+            results_per_page=LIST_PAGE,
+        ).by_page()
+
+        def next_page() -> tuple[list[BlobInfo], list[str]] | None:
+            self.stats.count("list")
+            page = next(pages, None)
+            if page is None:
+                return None
+            blobs: list[BlobInfo] = []
+            prefixes: list[str] = []
+            for item in page:
+                if isinstance(item, BlobPrefix):
+                    prefixes.append(item.name)
+                else:
+                    blobs.append(_info(item))
+            return blobs, prefixes
+
+        while True:
+            page = await self._run(f"LIST {prefix}", next_page)
+            if page is None:
+                return
+            yield page
+
+    async def list_all(self, prefix: str) -> AsyncIterator[list[BlobInfo]]:
+        """Yield pages of every blob under prefix, at any depth."""
+        pages = self.container.list_blobs(
+            name_starts_with=prefix, include=["metadata"], results_per_page=LIST_PAGE
+        ).by_page()
+
+        def next_page() -> list[BlobInfo] | None:
+            self.stats.count("list")
+            page = next(pages, None)
+            return None if page is None else [_info(item) for item in page]
+
+        while True:
+            page = await self._run(f"LIST {prefix}", next_page)
+            if page is None:
+                return
+            yield page
+
+    async def set_metadata(self, name: str, metadata: dict[str, str]) -> str:
+        def call() -> str:
+            self.stats.count("set_metadata")
+            return self._blob(name).set_blob_metadata(metadata)["etag"]
+
+        return await self._run(f"set metadata of {name}", call)
+
+    # -- data ------------------------------------------------------------------------------
+
+    async def read(self, name: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """Read [offset, offset+length) of one version of a blob (ESTALE if it changed)."""
+
+        def call() -> bytes:
+            kwargs: dict[str, Any] = {}
+            if etag:
+                kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+            # readall() drains the response to its end: abandoned responses leak in Azurite
+            # and cost a connection on Azure.
+            data = self._blob(name).download_blob(
+                offset=offset, length=length, max_concurrency=1, **kwargs
+            ).readall()
+            self.stats.count("read", down=len(data))
+            return data
+
+        return await self._run(f"read {name} [{offset}+{length}]", call)
+
+    async def get_block_list(self, name: str) -> list[CommittedBlock] | None:
+        """The committed blocks, or None when their IDs are not text we can send back."""
+
+        def call() -> list[CommittedBlock] | None:
+            self.stats.count("get_block_list")
+            try:
+                committed, _ = self._blob(name).get_block_list("committed")
+            except UnicodeDecodeError:
+                return None
+            return [CommittedBlock(block.id, block.size) for block in committed]
+
+        return await self._run(f"get block list of {name}", call)
+
+    async def stage_block(self, name: str, block_id: str, data: bytes) -> None:
+        def call() -> None:
+            self._blob(name).stage_block(block_id, data, length=len(data))
+            self.stats.count("stage_block", up=len(data))
+
+        await self._run(f"stage block of {name}", call)
+
+    async def commit_blocks(
+        self, name: str, block_ids: list[str], metadata: dict[str, str],
+        content_type: str | None = None, exclusive: bool = False,
+    ) -> BlobInfo:
+        def call() -> BlobInfo:
+            kwargs: dict[str, Any] = {}
+            if exclusive:
+                kwargs = {"match_condition": MatchConditions.IfMissing}
+            blob = self._blob(name)
+            blob.commit_block_list(
+                [BlobBlock(block_id) for block_id in block_ids], metadata=metadata,
+                content_settings=ContentSettings(content_type=content_type), **kwargs,
+            )
+            self.stats.count("commit_block_list")
+            return _info(blob.get_blob_properties())
+
+        return await self._run(f"commit {name}", call)
+
+    async def put(
+        self, name: str, data: bytes, metadata: dict[str, str],
+        content_type: str | None = None, exclusive: bool = False,
+    ) -> BlobInfo:
+        """One Put Blob: atomic replace (or create-only when exclusive)."""
+
+        def call() -> BlobInfo:
+            blob = self._blob(name)
+            blob.upload_blob(
+                data, overwrite=not exclusive, metadata=metadata, max_concurrency=1,
+                content_settings=ContentSettings(content_type=content_type), length=len(data),
+            )
+            self.stats.count("put", up=len(data))
+            return _info(blob.get_blob_properties())
+
+        return await self._run(f"put {name}", call)
+
+    async def append(self, name: str, data: bytes, position: int) -> str:
+        """Append Block at an expected position (so two appenders never interleave)."""
+
+        def call() -> str:
+            result = self._blob(name).append_block(data, length=len(data), appendpos_condition=position)
+            self.stats.count("append_block", up=len(data))
+            return result["etag"]
+
+        return await self._run(f"append to {name}", call)
+
+    async def delete(self, name: str, missing_ok: bool = True) -> None:
+        def call() -> None:
+            self.stats.count("delete")
+            try:
+                self._blob(name).delete_blob()
+            except ResourceNotFoundError:
+                if not missing_ok:
+                    raise
+
+        await self._run(f"delete {name}", call)
+
+    async def copy(self, source: str, target: str) -> BlobInfo:
+        """Server-side copy; waits for an asynchronous copy to finish by its status."""
+        source_url = self._blob(source).url
+
+        def start() -> Any:
+            self.stats.count("copy")
+            return self._blob(target).start_copy_from_url(source_url)
+
+        await self._run(f"copy {source} to {target}", start)
+        delay = 0.05
+        while True:
+            info_props = await self._run(
+                f"copy status of {target}", self._blob(target).get_blob_properties
+            )
+            status = info_props.copy.status if info_props.copy else "success"
+            if status in (None, "success"):
+                return _info(info_props)
+            if status != "pending":
+                raise StorageError(
+                    errno.EIO,
+                    f"copy {source} to {target} ended {status}: {info_props.copy.status_description}",
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def ensure_container(self) -> None:
+        await self._run("container", self.container.get_container_properties)

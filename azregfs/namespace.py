@@ -1,0 +1,416 @@
+"""The namespace: inodes, paths, attributes, directory listings and directory markers.
+
+Invariants:
+- One Node per path the kernel knows; ``lookups`` counts the kernel's references (lookup,
+  create, mkdir, and each entry ``readdir`` hands out) and ``forget`` drops the node when it
+  reaches zero and no handle or write is open, so walking a huge tree leaves nothing behind.
+- A path is a '/'-joined relative path ('' is the root); the blob name is the configured
+  prefix plus the path. Directories are name prefixes, or marker blobs (zero length,
+  metadata hdi_isfolder=true) for empty directories. Markers never show as files and are
+  deleted once the directory has a real child, so a registry's tree carries none.
+- Names the tree cannot show (empty segments, trailing '/', '.' or '..') are skipped from
+  listings with one warning each.
+- Files created but not yet committed exist only here (``pending``): listings merge them in.
+
+Code between two ``await``s is atomic (trio): the tables are only mutated synchronously.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import cachetools
+import pyfuse3
+
+from .config import Config
+from .driver import MARKER_KEY, MAX_NAME, BlobInfo, Driver, StorageError
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = pyfuse3.ROOT_INODE
+MAX_SEGMENTS = 254
+NAME_MAX = 255
+
+
+class FSError(Exception):
+    """An errno for the kernel plus an optional log line (None: nothing worth logging)."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+        self.message = message
+
+
+@dataclass
+class Node:
+    inode: int
+    path: str
+    is_dir: bool
+    size: int = 0
+    mtime: float = 0.0
+    etag: str = ""
+    blob_type: str = "BlockBlob"
+    metadata: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    marker: bool = False  # a directory whose marker blob exists
+    lookups: int = 0
+    opens: int = 0
+    writing: bool = False  # a write session owns size/mtime; never refreshed from Azure
+    checked_at: float = 0.0  # monotonic time the attributes were last read from Azure
+
+    def absorb(self, info: BlobInfo) -> None:
+        self.size = info.size
+        self.etag = info.etag
+        self.blob_type = info.blob_type
+        self.metadata = dict(info.metadata)
+        self.content_type = info.content_type
+        self.mtime = _mtime(info)
+        self.checked_at = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in a directory listing."""
+
+    is_dir: bool
+    info: BlobInfo | None  # the file's blob, a directory's marker, or None (implicit dir)
+
+
+def _mtime(info: BlobInfo) -> float:
+    try:
+        return float(info.metadata.get("mtime", "")) or info.mtime
+    except ValueError:
+        return info.mtime
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def ancestors(path: str) -> Iterable[str]:
+    """Proper ancestors of path, nearest first, excluding the root."""
+    while "/" in path:
+        path = parent_of(path)
+        yield path
+
+
+class Namespace:
+    def __init__(self, cfg: Config, driver: Driver) -> None:
+        self.cfg = cfg
+        self.driver = driver
+        self.prefix = cfg.prefix
+        self.started = time.time()
+        root = Node(ROOT_INODE, "", True, mtime=self.started, lookups=1)
+        self.nodes: dict[int, Node] = {ROOT_INODE: root}
+        self.by_path: dict[str, Node] = {"": root}
+        self.next_inode = ROOT_INODE + 1
+        self.listings: cachetools.TTLCache[str, dict[str, Entry]] = cachetools.TTLCache(
+            maxsize=64, ttl=max(cfg.dir_timeout, 0.001)
+        )
+        self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
+        self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
+
+    # -- names -----------------------------------------------------------------------------
+
+    def blob_name(self, path: str) -> str:
+        return self.prefix + path
+
+    def dir_prefix(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    def child_name(self, parent: Node, raw: bytes) -> str:
+        """Validate one name from the kernel and return the child's path."""
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FSError(errno.EINVAL, f"name {raw!r} is not UTF-8; blob names must be") from None
+        if len(raw) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG)
+        path = join(parent.path, name)
+        if len(self.blob_name(path).encode("utf-8")) > MAX_NAME:
+            raise FSError(errno.ENAMETOOLONG)
+        if path.count("/") + 1 > MAX_SEGMENTS:
+            raise FSError(errno.ENAMETOOLONG)
+        return path
+
+    def _skip(self, full_name: str, why: str) -> None:
+        if full_name not in self.warned:
+            self.warned[full_name] = True
+            log.warning("blob %r is not shown: %s", full_name, why)
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def get(self, inode: int) -> Node:
+        try:
+            return self.nodes[inode]
+        except KeyError:
+            raise FSError(errno.ENOENT) from None
+
+    def node_for(self, path: str, is_dir: bool) -> Node:
+        node = self.by_path.get(path)
+        if node is not None and node.is_dir != is_dir and not node.opens and not node.writing:
+            self._drop(node)
+            node = None
+        if node is None:
+            node = Node(self.next_inode, path, is_dir, mtime=self.started)
+            self.next_inode += 1
+            self.nodes[node.inode] = node
+            self.by_path[path] = node
+        return node
+
+    def _apply_entry(self, node: Node, entry: Entry) -> None:
+        if node.writing:
+            return
+        if entry.is_dir:
+            node.marker = entry.info is not None
+            if entry.info is not None:
+                node.mtime = _mtime(entry.info)
+            node.checked_at = time.monotonic()
+        elif entry.info is not None:
+            node.absorb(entry.info)
+
+    def remember(self, path: str, entry: Entry) -> Node:
+        node = self.node_for(path, entry.is_dir)
+        self._apply_entry(node, entry)
+        return node
+
+    def forget(self, inode: int, count: int) -> None:
+        node = self.nodes.get(inode)
+        if node is None or inode == ROOT_INODE:
+            return
+        node.lookups = max(0, node.lookups - count)
+        self.maybe_drop(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        if node.lookups == 0 and node.opens == 0 and not node.writing and node.inode != ROOT_INODE:
+            self._drop(node)
+
+    def _drop(self, node: Node) -> None:
+        self.nodes.pop(node.inode, None)
+        if self.by_path.get(node.path) is node:
+            del self.by_path[node.path]
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+    # -- attributes ------------------------------------------------------------------------
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.inode
+        attr.generation = 0
+        attr.entry_timeout = self.cfg.entry_timeout
+        attr.attr_timeout = self.cfg.attr_timeout
+        meta = node.metadata
+        if node.is_dir:
+            default = 0o777 & ~self.cfg.umask
+            attr.st_mode = stat.S_IFDIR | _int(meta.get("mode"), default, 8) & 0o7777
+            attr.st_nlink = 2
+            attr.st_size = 0
+        else:
+            default = 0o666 & ~self.cfg.umask
+            attr.st_mode = stat.S_IFREG | _int(meta.get("mode"), default, 8) & 0o7777
+            attr.st_nlink = 1
+            attr.st_size = node.size
+        attr.st_uid = _int(meta.get("uid"), self.cfg.uid)
+        attr.st_gid = _int(meta.get("gid"), self.cfg.gid)
+        attr.st_rdev = 0
+        attr.st_blksize = 1 << 20
+        attr.st_blocks = (attr.st_size + 511) // 512
+        stamp = int(node.mtime * 1e9)
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
+        return attr
+
+    async def refresh(self, node: Node, max_age: float) -> None:
+        """Re-read a file's attributes from Azure if older than max_age seconds."""
+        if node.is_dir or node.writing or time.monotonic() - node.checked_at < max_age:
+            return
+        if self.is_pending(node.path):
+            return
+        info = await self._head(node.path)
+        if info is None or info.is_marker:
+            raise FSError(errno.ENOENT)
+        node.absorb(info)
+
+    # -- lookups and listings --------------------------------------------------------------
+
+    async def _head(self, path: str) -> BlobInfo | None:
+        try:
+            return await self.driver.head(self.blob_name(path))
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+
+    async def resolve(self, path: str) -> Entry | None:
+        """What path is in the container (or locally pending), asking Azure if needed."""
+        parent, _, name = path.rpartition("/")
+        if name in self.pending.get(parent, ()):
+            node = self.by_path.get(path)
+            return Entry(False, None) if node is not None else None
+        listing = self.listings.get(parent)
+        if listing is not None:
+            return listing.get(name)
+        info = await self._head(path)
+        if info is not None and not info.is_marker:
+            return Entry(False, info)
+        if info is not None:
+            return Entry(True, info)
+        try:
+            if await self.driver.has_children(self.dir_prefix(path)):
+                return Entry(True, None)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        return None
+
+    async def lookup(self, parent: Node, raw: bytes) -> Node:
+        path = self.child_name(parent, raw)
+        node = self.by_path.get(path)
+        fresh = node is not None and (
+            node.writing or time.monotonic() - node.checked_at < self.cfg.entry_timeout
+        )
+        if not fresh:
+            entry = await self.resolve(path)
+            if entry is None:
+                raise FSError(errno.ENOENT)
+            node = self.remember(path, entry)
+        assert node is not None
+        node.lookups += 1
+        return node
+
+    async def listing(self, directory: Node) -> dict[str, Entry]:
+        """Every name in a directory, from the cache when fresh; pending files merged in."""
+        entries = self.listings.get(directory.path)
+        if entries is None:
+            entries = await self._list(directory.path)
+            self.listings[directory.path] = entries
+        pending = self.pending.get(directory.path)
+        if pending:
+            entries = dict(entries)
+            for name in pending:
+                entries.setdefault(name, Entry(False, None))
+        return entries
+
+    async def _list(self, path: str) -> dict[str, Entry]:
+        prefix = self.dir_prefix(path)
+        entries: dict[str, Entry] = {}
+        try:
+            async for blobs, prefixes in self.driver.list_level(prefix):
+                for sub in prefixes:
+                    name = sub[len(prefix):-1]
+                    if not name or name in (".", ".."):
+                        self._skip(sub, "empty or dot path segment")
+                        continue
+                    previous = entries.get(name)
+                    entries[name] = Entry(True, previous.info if previous else None)
+                for info in blobs:
+                    name = info.name[len(prefix):]
+                    if not name or name in (".", ".."):
+                        self._skip(info.name, "ends with '/' or has a dot segment")
+                        continue
+                    if info.is_marker:
+                        entries[name] = Entry(True, info)
+                    elif name in entries and entries[name].is_dir:
+                        self._skip(info.name, "a directory of the same name hides it")
+                    else:
+                        entries[name] = Entry(False, info)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        return entries
+
+    # -- changes made through this mount ---------------------------------------------------
+
+    def changed(self, *dir_paths: str) -> None:
+        """Our own change to these directories: drop their cached listings."""
+        for path in dir_paths:
+            self.listings.pop(path, None)
+
+    def add_pending(self, path: str) -> None:
+        self.pending.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
+        self.changed(parent_of(path))
+
+    def clear_pending(self, path: str) -> None:
+        parent, _, name = path.rpartition("/")
+        names = self.pending.get(parent)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self.pending[parent]
+
+    def is_pending(self, path: str) -> bool:
+        parent, _, name = path.rpartition("/")
+        return name in self.pending.get(parent, ())
+
+    def move(self, node: Node, new_path: str) -> None:
+        """Re-key a node (and, for a directory, every known descendant) to a new path."""
+        old_path = node.path
+        victim = self.by_path.get(new_path)
+        if victim is not None and victim is not node:
+            del self.by_path[new_path]
+            victim.path = f"\0moved-away/{victim.inode}"  # keeps its inode until forgotten
+            self.by_path[victim.path] = victim
+        moves = [node]
+        if node.is_dir:
+            moves += [n for n in self.nodes.values() if n.path.startswith(old_path + "/")]
+        for moved in moves:
+            if self.by_path.get(moved.path) is moved:
+                del self.by_path[moved.path]
+        for moved in moves:
+            moved.path = new_path + moved.path[len(old_path):]
+            self.by_path[moved.path] = moved
+        if self.is_pending(old_path):
+            self.clear_pending(old_path)
+            self.add_pending(new_path)
+
+    def forget_path(self, path: str) -> None:
+        """The name is gone: a later lookup must not find the old node by path."""
+        node = self.by_path.get(path)
+        if node is not None:
+            del self.by_path[path]
+            node.path = f"\0deleted/{node.inode}"
+            self.by_path[node.path] = node
+        self.clear_pending(path)
+
+    async def drop_markers_above(self, path: str) -> None:
+        """A real blob now exists at path: ancestor markers are no longer needed."""
+        for ancestor in ancestors(path):
+            node = self.by_path.get(ancestor)
+            if node is None or not node.marker:
+                continue
+            node.marker = False
+            try:
+                await self.driver.delete(self.blob_name(ancestor))
+            except StorageError as exc:
+                log.warning("could not remove directory marker %s: %s", ancestor, exc)
+
+    async def keep_directory(self, path: str) -> None:
+        """The last child of path may be gone: write a marker so the directory stays."""
+        if not path:
+            return
+        node = self.by_path.get(path)
+        if node is not None and node.marker:
+            return
+        if self.pending.get(path):
+            return
+        if await self.driver.has_children(self.dir_prefix(path)):
+            return
+        await self.driver.put(self.blob_name(path), b"", {MARKER_KEY: "true"})
+        if node is not None:
+            node.marker = True
+
+
+def _int(value: str | None, default: int, base: int = 10) -> int:
+    if not value:
+        return default
+    try:
+        return int(value, base)
+    except ValueError:
+        return default

@@ -1,0 +1,475 @@
+"""The FUSE operations: a thin translation of kernel requests onto the namespace, the block
+cache and the write buffer. Decisions about data live in those modules, not here.
+
+Every handler runs through ``_errors``: an FSError becomes its errno (logged in one line when
+it carries a message), a StorageError its mapped errno, anything else EIO with a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .blockcache import BlockCache, ReadStream
+from .config import Config
+from .driver import MARKER_KEY, BlobInfo, StorageError
+from .namespace import ROOT_INODE, Entry, FSError, Namespace, Node, join, parent_of
+from .writebuffer import WriteBuffer, WriteSession
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+STATS_XATTR = b"user.azregfs.stats"
+PID_XATTR = b"user.azregfs.pid"
+QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.EISDIR,
+         errno.ENOTDIR, errno.EINVAL}
+
+
+def _errors(handler: F) -> F:
+    @functools.wraps(handler)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FSError as exc:
+            if exc.message and exc.errno not in QUIET:
+                log.error("%s: %s", handler.__name__, exc.message)
+            elif exc.message:
+                log.debug("%s: %s", handler.__name__, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except StorageError as exc:
+            if exc.errno not in QUIET:
+                log.error("%s: %s", handler.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class Handle:
+    node: Node
+    name: str  # blob name at open
+    etag: str  # version read by this handle (close-to-open)
+    size: int
+    session: WriteSession | None
+    stream: ReadStream
+
+
+@dataclass
+class DirHandle:
+    node: Node
+    entries: list[tuple[str, Entry]]
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, cfg: Config, namespace: Namespace, cache: BlockCache,
+                 writes: WriteBuffer) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ns = namespace
+        self.driver = namespace.driver
+        self.cache = cache
+        self.writes = writes
+        self.handles: dict[int, Handle] = {}
+        self.dir_handles: dict[int, DirHandle] = {}
+        self.next_fh = 1
+        self.seen_etag: dict[int, str] = {}  # inode -> ETag of its last open (keep_cache)
+        writes.on_commit = self._committed
+
+    def _fh(self) -> int:
+        self.next_fh += 1
+        return self.next_fh
+
+    async def _committed(self, node: Node, info: BlobInfo) -> None:
+        self.ns.clear_pending(node.path)
+        self.ns.changed(parent_of(node.path))
+        await self.ns.drop_markers_above(node.path)
+
+    # -- lookups and attributes ------------------------------------------------------------
+
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self.ns.get(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = self.ns.by_path.get(parent_of(parent.path)) or self.ns.get(ROOT_INODE)
+        else:
+            return self.ns.attributes(await self.ns.lookup(parent, name))
+        node.lookups += 1
+        return self.ns.attributes(node)
+
+    async def forget(self, inode_list: Any) -> None:
+        for inode, count in inode_list:
+            self.ns.forget(inode, count)
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        node = self.ns.get(inode)
+        await self.ns.refresh(node, self.cfg.attr_timeout)
+        return self.ns.attributes(node)
+
+    @_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self.ns.get(inode)
+        changes: dict[str, str] = {}
+        if fields.update_mode:
+            changes["mode"] = f"{stat.S_IMODE(attr.st_mode):o}"
+        if fields.update_uid:
+            changes["uid"] = str(attr.st_uid)
+        if fields.update_gid:
+            changes["gid"] = str(attr.st_gid)
+        if fields.update_mtime:
+            changes["mtime"] = f"{attr.st_mtime_ns / 1e9:.9f}"
+        if fields.update_size:
+            if node.is_dir:
+                raise FSError(errno.EISDIR)
+            await self._truncate(node, attr.st_size)
+        if changes:
+            await self._set_metadata(node, changes)
+        return self.ns.attributes(node)
+
+    async def _truncate(self, node: Node, size: int) -> None:
+        session = self.writes.session(node)
+        if session is not None:
+            await session.truncate(size)
+            return
+        await self.ns.refresh(node, 0)
+        session = self.writes.open(node, self.ns.blob_name(node.path), self._base(node))
+        try:
+            await session.truncate(size)
+            await session.commit()
+        finally:
+            await self.writes.close(session)
+
+    async def _set_metadata(self, node: Node, changes: dict[str, str]) -> None:
+        session = self.writes.session(node)
+        if session is not None:
+            session.metadata.update(changes)
+            session.metadata_changed = True
+            node.metadata.update(changes)
+            return
+        if node.is_dir and not node.marker:
+            node.metadata.update(changes)  # an implicit directory has no blob to keep them
+            return
+        await self.ns.refresh(node, 0)
+        metadata = {**node.metadata, **changes}
+        node.etag = await self.driver.set_metadata(self.ns.blob_name(node.path), metadata)
+        node.metadata = metadata
+        if "mtime" in changes:
+            node.mtime = float(changes["mtime"])
+
+    def _base(self, node: Node) -> BlobInfo | None:
+        if self.ns.is_pending(node.path) or not node.etag:
+            return None
+        return BlobInfo(self.ns.blob_name(node.path), node.size, node.etag, node.mtime,
+                        dict(node.metadata), node.blob_type, node.content_type)
+
+    # -- files -----------------------------------------------------------------------------
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self.ns.get(inode)
+        if node.is_dir:
+            raise FSError(errno.EISDIR)
+        await self.ns.refresh(node, self.cfg.revalidate_window)
+        keep_cache = self.seen_etag.get(inode) == node.etag and not node.writing
+        self.seen_etag[inode] = node.etag
+        session = None
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            session = self.writes.open(node, self.ns.blob_name(node.path), self._base(node),
+                                       truncate=bool(flags & os.O_TRUNC))
+            keep_cache = keep_cache and not flags & os.O_TRUNC
+        return self._open_handle(node, session, keep_cache)
+
+    def _open_handle(self, node: Node, session: WriteSession | None,
+                     keep_cache: bool) -> pyfuse3.FileInfo:
+        fh = self._fh()
+        self.handles[fh] = Handle(node, self.ns.blob_name(node.path), node.etag, node.size,
+                                  session, ReadStream())
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self.ns.get(parent_inode)
+        path = self.ns.child_name(parent, name)
+        existing = await self.ns.resolve(path)
+        if existing is not None and (existing.is_dir or flags & os.O_EXCL):
+            raise FSError(errno.EEXIST if flags & os.O_EXCL else errno.EISDIR)
+        node = self.ns.node_for(path, False)
+        node.lookups += 1
+        base = None
+        if existing is None:
+            node.size, node.etag, node.metadata = 0, "", {}
+            self.ns.add_pending(path)
+        else:
+            self.ns.remember(path, existing)
+            base = self._base(node)
+        session = self.writes.open(node, self.ns.blob_name(path), base,
+                                   truncate=base is None or bool(flags & os.O_TRUNC),
+                                   exclusive=bool(flags & os.O_EXCL))
+        info = self._open_handle(node, session, keep_cache=False)
+        return info, self.ns.attributes(node)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        session = handle.session or self.writes.session(handle.node)
+        if session is not None:
+            return await session.read(off, size, self.cache)
+        try:
+            return await self.cache.read(handle.name, handle.etag, handle.size, off, size,
+                                         handle.stream)
+        except StorageError as exc:
+            if exc.errno == errno.ESTALE:
+                raise FSError(errno.ESTALE, f"{handle.name} changed since it was opened; "
+                              "reopen it to read the new version") from None
+            raise
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if handle.session is None:
+            raise FSError(errno.EBADF)
+        return await handle.session.write(off, buf)
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        session = self.handles[fh].session
+        if session is not None:
+            await session.commit()
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        handle.node.opens -= 1
+        if handle.session is not None:
+            await self.writes.close(handle.session)
+        self.ns.maybe_drop(handle.node)
+
+    # -- namespace changes -----------------------------------------------------------------
+
+    async def _existing(self, parent: Node, name: bytes) -> tuple[str, Entry]:
+        path = self.ns.child_name(parent, name)
+        entry = await self.ns.resolve(path)
+        if entry is None:
+            raise FSError(errno.ENOENT)
+        return path, entry
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        parent = self.ns.get(parent_inode)
+        path, entry = await self._existing(parent, name)
+        if entry.is_dir:
+            raise FSError(errno.EISDIR)
+        node = self.ns.by_path.get(path)
+        session = self.writes.session(node) if node else None
+        if session is not None:
+            session.deleted = True
+        if not self.ns.is_pending(path):
+            await self.driver.delete(self.ns.blob_name(path), missing_ok=False)
+        self.ns.forget_path(path)
+        self.ns.changed(parent.path)
+        await self.ns.keep_directory(parent.path)
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        parent = self.ns.get(parent_inode)
+        path = self.ns.child_name(parent, name)
+        if await self.ns.resolve(path) is not None:
+            raise FSError(errno.EEXIST)
+        await self.driver.put(self.ns.blob_name(path), b"", {MARKER_KEY: "true"})
+        node = self.ns.node_for(path, True)
+        node.marker = True
+        node.lookups += 1
+        self.ns.changed(parent.path)
+        await self.ns.drop_markers_above(path)
+        return self.ns.attributes(node)
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        parent = self.ns.get(parent_inode)
+        path, entry = await self._existing(parent, name)
+        if not entry.is_dir:
+            raise FSError(errno.ENOTDIR)
+        await self._require_empty(path)
+        await self.driver.delete(self.ns.blob_name(path))
+        self.ns.forget_path(path)
+        self.ns.changed(parent.path, path)
+        await self.ns.keep_directory(parent.path)
+
+    async def _require_empty(self, path: str) -> None:
+        if self.ns.pending.get(path) or await self.driver.has_children(self.ns.dir_prefix(path)):
+            raise FSError(errno.ENOTEMPTY)
+
+    @_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FSError(errno.EINVAL)
+        old_parent = self.ns.get(parent_inode_old)
+        new_parent = self.ns.get(parent_inode_new)
+        old_path, entry = await self._existing(old_parent, name_old)
+        new_path = self.ns.child_name(new_parent, name_new)
+        if old_path == new_path:
+            return
+        target = await self.ns.resolve(new_path)
+        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise FSError(errno.EEXIST)
+        if entry.is_dir:
+            if target is not None and not target.is_dir:
+                raise FSError(errno.ENOTDIR)
+            if new_path.startswith(old_path + "/"):
+                raise FSError(errno.EINVAL)
+            if target is not None:
+                await self._require_empty(new_path)
+                await self.driver.delete(self.ns.blob_name(new_path))
+            await self._rename_dir(old_path, new_path)
+        else:
+            if target is not None and target.is_dir:
+                raise FSError(errno.EISDIR)
+            await self._rename_file(old_path, new_path)
+        node = self.ns.by_path.get(old_path)
+        if node is not None:
+            self.ns.move(node, new_path)
+        else:
+            self.ns.forget_path(new_path)
+        self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
+        await self.ns.drop_markers_above(new_path)
+        await self.ns.keep_directory(old_parent.path)
+
+    async def _rename_file(self, old_path: str, new_path: str) -> None:
+        source, target = self.ns.blob_name(old_path), self.ns.blob_name(new_path)
+        node = self.ns.by_path.get(old_path)
+        session = self.writes.session(node) if node else None
+
+        async def move() -> BlobInfo:
+            info = await self.driver.copy(source, target)
+            await self.driver.delete(source)
+            return info
+
+        if session is not None:
+            await session.relocate(target, move)
+            self.ns.clear_pending(old_path)
+        else:
+            info = await move()
+            if node is not None:
+                node.absorb(info)
+
+    async def _rename_dir(self, old_path: str, new_path: str) -> None:
+        """Move every blob under the prefix (not atomic on a flat-namespace account)."""
+        old_prefix, new_prefix = self.ns.dir_prefix(old_path), self.ns.dir_prefix(new_path)
+        for session in list(self.writes.sessions.values()):
+            if session.name.startswith(old_prefix):
+                await session.commit()
+        names: list[str] = []
+        async for page in self.driver.list_all(old_prefix):
+            names += [info.name for info in page]
+        marker = await self.driver.head(self.ns.blob_name(old_path))
+        if marker is not None and marker.is_marker:
+            names.append(marker.name)
+        for name in names:
+            target = new_prefix + name[len(old_prefix):] if name != marker_name(marker) \
+                else self.ns.blob_name(new_path)
+            await self.driver.copy(name, target)
+            await self.driver.delete(name)
+        for session in self.writes.sessions.values():
+            if session.name.startswith(old_prefix):
+                session.name = new_prefix + session.name[len(old_prefix):]
+                if session.base is not None:
+                    session.base = await self.driver.head(session.name)
+
+    # -- directories -----------------------------------------------------------------------
+
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self.ns.get(inode)
+        if not node.is_dir:
+            raise FSError(errno.ENOTDIR)
+        listing = await self.ns.listing(node)
+        fh = self._fh()
+        self.dir_handles[fh] = DirHandle(node, sorted(listing.items()))
+        node.opens += 1
+        return fh
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dir_handles[fh]
+        for index in range(start_id, len(handle.entries)):
+            name, entry = handle.entries[index]
+            path = join(handle.node.path, name)
+            node = self.ns.remember(path, entry)
+            if not pyfuse3.readdir_reply(token, name.encode(), self.ns.attributes(node), index + 1):
+                self.ns.maybe_drop(node)
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        handle = self.dir_handles.pop(fh)
+        handle.node.opens -= 1
+        self.ns.maybe_drop(handle.node)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # namespace changes reach Azure before their request returns
+
+    @_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = data.f_bfree = data.f_bavail = 2**50 // 4096  # 1 PiB: "plenty"
+        data.f_files = data.f_ffree = data.f_favail = 2**32
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes: a window on the daemon's counters ----------------------------
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == ROOT_INODE and name == STATS_XATTR:
+            return json.dumps(self.stats()).encode()
+        if inode == ROOT_INODE and name == PID_XATTR:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "driver": self.driver.stats.as_dict(),
+            "cache": self.cache.stats.as_dict(),
+            "cache_bytes": self.cache.blocks.currsize,
+            "inodes": self.ns.size,
+            "open_handles": len(self.handles),
+            "write_sessions": len(self.writes.sessions),
+            "dirty_bytes": self.writes.budget.used,
+            "dirty_peak": self.writes.budget.peak,
+        }
+
+
+def marker_name(info: BlobInfo | None) -> str | None:
+    return info.name if info is not None else None

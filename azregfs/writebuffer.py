@@ -1,0 +1,704 @@
+"""The write path: per-file write sessions that stage blocks while the file is written and
+commit them on flush/fsync, so no other client ever sees a half-written blob.
+
+A session describes the file as a list of contiguous segments covering [0, size):
+
+- COMMITTED: a block of the base blob whose ID can be reused in Put Block List as is;
+- BASE: a byte range of the base blob that must be re-uploaded if it is to be kept
+  (blobs written by one Put Blob, append blobs, block IDs of another length, or a split
+  committed block) -- downloaded with If-Match on the base ETag when the commit needs it;
+- STAGED: a block uploaded by this session (Put Block), not yet committed;
+- DIRTY: bytes in memory, counted against the global dirty budget;
+- ZERO: a hole (sparse write or truncate that grows the file).
+
+Rules the code relies on:
+- Code between two ``await``s is atomic (trio). A session's ``lock`` serialises writes,
+  truncates and commits; staging tasks only flip a segment from DIRTY to STAGED and check
+  ``alive`` first, so a segment replaced while it was uploading is simply dropped.
+- Full blocks are staged in the background while the writer goes on; the budget bounds the
+  bytes held in memory across all sessions, and a writer waits (back-pressure) when it is
+  spent. A waiting writer asks every session to stage its partial blocks, so idle sessions
+  cannot starve it.
+- Data of a STAGED block lives only in Azure's uncommitted list. Reading it back, or
+  overwriting part of it, first commits the session (an implicit fsync): never a torn blob,
+  never lost data, at the cost of one early commit in that rare case.
+- Block IDs carry a random per-session token, so two writers of one blob never mix blocks,
+  and have the length of the blob's existing IDs when there are any (Azure requires one
+  length per blob), so a resumed upload reuses the committed blocks and sends only new data.
+- A failed stage or commit is kept in ``error`` and raised by the next flush/fsync (EIO);
+  the DIRTY data stays, so a later fsync can still succeed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import errno
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from .blockcache import BlockCache
+from .driver import BlobInfo, Driver, StorageError
+from .namespace import FSError, Node
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS = 50_000
+APPEND_CHUNK = 4 * 1024 * 1024
+SINGLE_PUT_MAX = 64 * 1024 * 1024
+ID_INDEX_DIGITS = 8
+DEFAULT_ID_LENGTH = 32
+
+
+class Kind(enum.Enum):
+    COMMITTED = "committed"
+    BASE = "base"
+    STAGED = "staged"
+    DIRTY = "dirty"
+    ZERO = "zero"
+
+
+@dataclass(eq=False)
+class Segment:
+    start: int
+    length: int
+    kind: Kind
+    block_id: str = ""  # COMMITTED and STAGED
+    base_offset: int = 0  # COMMITTED and BASE: where the bytes are in the base blob
+    data: bytearray | bytes | None = None  # DIRTY (bytes while being staged)
+    alive: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def frozen(self) -> bool:
+        return isinstance(self.data, bytes)
+
+
+class DirtyBudget:
+    """Bytes of not-yet-staged data held in memory, across all sessions.
+
+    ``used`` is changed only by ``adjust``, at the very places data enters or leaves
+    memory, so it always equals the sum of the sessions' ``dirty_bytes``. ``wait_for_room``
+    is the gate a writer passes first; it may overshoot by the writes already past it.
+    """
+
+    def __init__(self, limit: int, spill: Callable[[], None]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._spill = spill
+        self._freed = trio.Event()
+
+    async def wait_for_room(self, amount: int) -> None:
+        while self.used and self.used + amount > self.limit:
+            self._spill()
+            await self._freed.wait()
+
+    def adjust(self, delta: int) -> None:
+        self.used += delta
+        self.peak = max(self.peak, self.used)
+        if delta < 0:
+            self._freed.set()
+            self._freed = trio.Event()
+
+
+class WriteBuffer:
+    """Owns every open write session, the dirty budget and the staging tasks."""
+
+    def __init__(self, driver: Driver, cache: BlockCache, block_size: int, budget: int,
+                 upload_concurrency: int = 8) -> None:
+        self.driver = driver
+        self.cache = cache
+        self.block_size = block_size
+        self.budget = DirtyBudget(budget, self.spill_all)
+        self.upload_limiter = trio.CapacityLimiter(upload_concurrency)
+        self.sessions: dict[int, WriteSession] = {}  # inode -> session
+        self.nursery: trio.Nursery | None = None
+        # Called after each commit with (node, info); the namespace hooks markers in here.
+        self.on_commit: Callable[[Node, BlobInfo], Awaitable[None]] | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+
+    def session(self, node: Node) -> WriteSession | None:
+        return self.sessions.get(node.inode)
+
+    def open(self, node: Node, name: str, base: BlobInfo | None, *, truncate: bool = False,
+             exclusive: bool = False) -> WriteSession:
+        session = self.sessions.get(node.inode)
+        if session is None:
+            session = WriteSession(self, node, name, base)
+            self.sessions[node.inode] = session
+        session.holders += 1
+        if truncate or base is None:
+            session.truncate_now(0)
+        if exclusive:
+            session.exclusive = True
+        return session
+
+    async def close(self, session: WriteSession) -> None:
+        """A handle is released: the last one ends the session (data already committed)."""
+        session.holders -= 1
+        if session.holders > 0:
+            return
+        if session.changed and not session.deleted:
+            try:
+                await session.commit()
+            except FSError as exc:
+                log.error("discarding unsaved data of %s: %s", session.name, exc.message or exc)
+        session.discard()
+        self.sessions.pop(session.node.inode, None)
+
+    def spill_all(self) -> None:
+        for session in list(self.sessions.values()):
+            session.stage_partial()
+
+    async def commit_all(self) -> int:
+        """Commit every session with changes (shutdown); returns how many failed."""
+        failed = 0
+        for session in list(self.sessions.values()):
+            if session.changed and not session.deleted:
+                try:
+                    await session.commit()
+                except FSError as exc:
+                    failed += 1
+                    log.error("could not commit %s at shutdown: %s", session.name, exc.message)
+        return failed
+
+
+class WriteSession:
+    def __init__(self, buffer: WriteBuffer, node: Node, name: str, base: BlobInfo | None) -> None:
+        self.buffer = buffer
+        self.driver = buffer.driver
+        self.node = node
+        self.name = name
+        self.base = base
+        self.block_size = buffer.block_size
+        self.segments: list[Segment] = []
+        self.size = base.size if base else 0
+        self.laid_out = base is None or base.size == 0  # segments built from the base?
+        if base is not None and base.size:
+            self.segments = [Segment(0, base.size, Kind.BASE)]
+        self.append_mode = base is not None and base.is_append
+        self.appended = base.size if base and base.is_append else 0
+        self.target_is_append = base is not None and base.is_append
+        self.token = secrets.token_hex(DEFAULT_ID_LENGTH)[: DEFAULT_ID_LENGTH - ID_INDEX_DIGITS]
+        self.next_index = 0
+        self.lock = trio.Lock()
+        self.inflight = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.error: StorageError | None = None
+        self.changed = False
+        self.exclusive = False
+        self.deleted = False
+        self.holders = 0
+        self.dirty_bytes = 0
+        self.metadata: dict[str, str] = dict(base.metadata) if base else {}
+        self.metadata_changed = False
+        self.content_type = base.content_type if base else None
+        node.writing = True
+
+    # -- layout ----------------------------------------------------------------------------
+
+    async def _lay_out(self) -> None:
+        """Turn the base blob into reusable COMMITTED blocks where its block list allows."""
+        if self.laid_out:
+            return
+        self.laid_out = True
+        assert self.base is not None
+        if self.base.is_append:
+            return
+        try:
+            blocks = await self.driver.get_block_list(self.name)
+        except StorageError as exc:
+            raise FSError(errno.EIO, f"reading block list of {self.name}: {exc}") from None
+        if not blocks or sum(b.size for b in blocks) != self.base.size:
+            return
+        lengths = {len(b.block_id) for b in blocks}
+        if len(lengths) != 1:
+            return
+        id_length = lengths.pop()
+        if id_length - ID_INDEX_DIGITS < 6:
+            return  # cannot make unique IDs of that length: restage as BASE
+        self.token = secrets.token_hex(id_length)[: id_length - ID_INDEX_DIGITS]
+        # Only the untouched base range can become blocks (writes may already have cut it).
+        base_segments = [s for s in self.segments if s.kind is Kind.BASE]
+        if len(base_segments) != 1 or base_segments[0].start != 0:
+            return
+        whole = base_segments[0]
+        committed: list[Segment] = []
+        offset = 0
+        for block in blocks:
+            if offset + block.size > whole.end:
+                break
+            committed.append(Segment(offset, block.size, Kind.COMMITTED, block.block_id, offset))
+            offset += block.size
+        rest = [Segment(offset, whole.end - offset, Kind.BASE, base_offset=offset)] \
+            if offset < whole.end else []
+        index = self.segments.index(whole)
+        whole.alive = False
+        self.segments[index:index + 1] = committed + rest
+
+    def _new_block_id(self) -> str:
+        index = self.next_index
+        self.next_index += 1
+        return f"{self.token}{index:0{ID_INDEX_DIGITS}d}"
+
+    def _find(self, offset: int) -> int:
+        """Index of the segment containing offset (offset < size)."""
+        return bisect.bisect_right(self.segments, offset, key=lambda s: s.start) - 1
+
+    def _account(self, delta: int) -> None:
+        self.dirty_bytes += delta
+        self.buffer.budget.adjust(delta)
+
+    def _add_dirty(self, start: int, data: bytes | bytearray) -> Segment:
+        seg = Segment(start, len(data), Kind.DIRTY, data=bytearray(data))
+        self._account(len(data))
+        return seg
+
+    def _retire(self, seg: Segment) -> None:
+        if seg.alive and seg.kind is Kind.DIRTY and seg.data is not None:
+            self._account(-len(seg.data))
+        seg.alive = False
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes) -> int:
+        if self.deleted:
+            pass  # writes to an unlinked open file go nowhere, as on a local filesystem
+        if not self.target_is_append or self.append_mode:
+            await self.buffer.budget.wait_for_room(len(data))
+        async with self.lock:
+            if self.append_mode and offset != self.size:
+                await self._leave_append_mode()
+            if not self.append_mode:
+                await self._lay_out()
+            await self._write_locked(offset, data)
+        self.changed = True
+        self.node.size = self.size
+        self.node.mtime = time.time()
+        if self.append_mode and self.size - self.appended >= self.block_size:
+            async with self.lock:
+                await self._append_pending(force_all=False)
+        return len(data)
+
+    async def _write_locked(self, offset: int, data: bytes) -> None:
+        if offset > self.size:
+            self.segments.append(Segment(self.size, offset - self.size, Kind.ZERO))
+            self.size = offset
+        end = offset + len(data)
+        overlap_end = min(end, self.size)
+        if offset < overlap_end:
+            await self._overwrite(offset, data[: overlap_end - offset])
+        if end > self.size:
+            self._extend(data[max(0, self.size - offset):])
+
+    def _extend(self, data: bytes) -> None:
+        """Append data at the end of the file, filling the tail block first."""
+        view = memoryview(data)
+        while view:
+            tail = self.segments[-1] if self.segments else None
+            if tail is not None and tail.kind is Kind.DIRTY and not tail.frozen \
+                    and tail.length < self.block_size:
+                take = view[: self.block_size - tail.length]
+                tail.data += take  # type: ignore[operator]
+                tail.length += len(take)
+                self._account(len(take))
+            else:
+                take = view[: self.block_size]
+                tail = self._add_dirty(self.size, take)
+                self.segments.append(tail)
+            self.size += len(take)
+            view = view[len(take):]
+            if tail.length >= self.block_size and not self.append_mode:
+                self._stage_soon(tail)
+
+    async def _overwrite(self, offset: int, data: bytes) -> None:
+        end = offset + len(data)
+        while True:
+            index = self._find(offset)
+            touched = []
+            i = index
+            while i < len(self.segments) and self.segments[i].start < end:
+                touched.append(self.segments[i])
+                i += 1
+            partial_staged = [
+                s for s in touched
+                if s.kind is Kind.STAGED and (s.start < offset or s.end > end)
+            ]
+            if not partial_staged:
+                break
+            await self._commit_locked()  # makes STAGED blocks COMMITTED, hence readable
+            await self._lay_out()
+        replacement: list[Segment] = []
+        for seg in touched:
+            lo, hi = max(seg.start, offset), min(seg.end, end)
+            piece = data[lo - offset:hi - offset]
+            if seg.kind is Kind.DIRTY and not seg.frozen:
+                seg.data[lo - seg.start:hi - seg.start] = piece  # type: ignore[index]
+                replacement.append(seg)
+                continue
+            self._retire(seg)
+            if seg.start < lo:
+                replacement.append(self._slice(seg, seg.start, lo))
+            replacement.append(self._add_dirty(lo, piece))
+            if hi < seg.end:
+                replacement.append(self._slice(seg, hi, seg.end))
+        self.segments[index:index + len(touched)] = self._merge_small(replacement)
+
+    def _slice(self, seg: Segment, lo: int, hi: int) -> Segment:
+        """The part [lo, hi) of a retired segment, as a segment that can stand alone."""
+        if seg.kind is Kind.ZERO:
+            return Segment(lo, hi - lo, Kind.ZERO)
+        if seg.kind in (Kind.BASE, Kind.COMMITTED):
+            return Segment(lo, hi - lo, Kind.BASE, base_offset=seg.base_offset + lo - seg.start)
+        if seg.kind is Kind.DIRTY:
+            assert seg.data is not None
+            return self._add_dirty(lo, seg.data[lo - seg.start:hi - seg.start])
+        raise AssertionError(f"cannot slice a {seg.kind} segment")
+
+    def _merge_small(self, segments: list[Segment]) -> list[Segment]:
+        """Join neighbouring unfrozen DIRTY segments while they fit in one block."""
+        merged: list[Segment] = []
+        for seg in segments:
+            prev = merged[-1] if merged else None
+            if (prev is not None and prev.kind is Kind.DIRTY and seg.kind is Kind.DIRTY
+                    and not prev.frozen and not seg.frozen and prev is not seg
+                    and prev.length + seg.length <= self.block_size):
+                prev.data += seg.data  # type: ignore[operator]
+                prev.length += seg.length
+                seg.alive = False
+                continue
+            merged.append(seg)
+        return merged
+
+    def truncate_now(self, size: int) -> None:
+        """Truncate to zero (open with O_TRUNC): synchronous, nothing needed from Azure."""
+        assert size == 0
+        for seg in self.segments:
+            self._retire(seg)
+        self.segments = []
+        self.size = 0
+        self.laid_out = True
+        self.append_mode = False
+        self.changed = True
+        self.node.size = 0
+
+    async def truncate(self, size: int) -> None:
+        async with self.lock:
+            if size == 0:
+                self.truncate_now(0)
+            elif size > self.size:
+                await self._leave_append_mode()
+                self.segments.append(Segment(self.size, size - self.size, Kind.ZERO))
+                self.size = size
+            elif size < self.size:
+                await self._leave_append_mode()
+                await self._lay_out()
+                seg = self.segments[self._find(size)]
+                if seg.kind is Kind.STAGED and seg.start < size:
+                    # An uncommitted block cannot be cut: commit, then cut the committed one.
+                    await self._commit_locked()
+                    await self._lay_out()
+                index = self._find(size)
+                seg = self.segments[index]
+                keep = self.segments[:index]
+                tail = self._slice(seg, seg.start, size) if seg.start < size else None
+                for dropped in self.segments[index:]:
+                    self._retire(dropped)
+                self.segments = keep + ([tail] if tail else [])
+                self.size = size
+            self.changed = True
+            self.node.size = self.size
+            self.node.mtime = time.time()
+
+    # -- staging ---------------------------------------------------------------------------
+
+    def _stage_soon(self, seg: Segment) -> None:
+        if self.target_is_append or self.buffer.nursery is None or seg.frozen:
+            return
+        seg.data = bytes(seg.data)  # frozen: later writes to this range replace the segment
+        self.inflight += 1
+        self.idle = trio.Event() if self.inflight == 1 else self.idle
+        self.buffer.nursery.start_soon(self._stage, seg)
+
+    def stage_partial(self) -> None:
+        """Budget pressure: upload every unfrozen DIRTY segment now, full or not."""
+        if self.append_mode:
+            return
+        for seg in self.segments:
+            if seg.kind is Kind.DIRTY and not seg.frozen:
+                self._stage_soon(seg)
+
+    async def _stage(self, seg: Segment) -> None:
+        block_id = self._new_block_id()
+        try:
+            async with self.buffer.upload_limiter:
+                await self.driver.stage_block(self.name, block_id, seg.data)  # type: ignore[arg-type]
+        except StorageError as exc:
+            log.error("staging a block of %s failed: %s", self.name, exc)
+            self.error = exc
+            if seg.alive:
+                seg.data = bytearray(seg.data)  # type: ignore[arg-type]  # unfreeze: retry
+        else:
+            if seg.alive:
+                self._account(-len(seg.data))  # type: ignore[arg-type]
+                seg.kind, seg.block_id, seg.data = Kind.STAGED, block_id, None
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self.idle.set()
+
+    # -- append blobs ----------------------------------------------------------------------
+
+    async def _append_pending(self, force_all: bool) -> None:
+        """Append Block the data past what the append blob already holds, in order."""
+        while self.appended < self.size:
+            pending = [s for s in self.segments if s.end > self.appended]
+            data = b"".join(
+                bytes(s.data[max(0, self.appended - s.start):])  # type: ignore[index]
+                for s in pending if s.kind is Kind.DIRTY
+            )
+            chunk = data[:APPEND_CHUNK]
+            if not force_all and len(chunk) < APPEND_CHUNK:
+                return
+            try:
+                etag = await self.driver.append(self.name, chunk, self.appended)
+            except StorageError as exc:
+                raise FSError(errno.EIO, f"appending to {self.name}: {exc}") from None
+            self._consume_appended(len(chunk), etag)
+
+    def _consume_appended(self, count: int, etag: str) -> None:
+        """Bytes now in the append blob leave memory and become part of the BASE range."""
+        self.appended += count
+        kept: list[Segment] = []
+        for seg in self.segments:
+            if seg.kind is Kind.DIRTY and seg.start < self.appended:
+                cut = self.appended - seg.start
+                if cut >= seg.length:
+                    self._retire(seg)
+                    continue
+                self._account(-cut)
+                seg.data = bytearray(seg.data[cut:])  # type: ignore[index]
+                seg.start += cut
+                seg.length -= cut
+            kept.append(seg)
+        head = [Segment(0, self.appended, Kind.BASE)]
+        self.segments = head + [s for s in kept if s.kind is not Kind.BASE]
+        if self.base is not None:
+            self.base.etag = etag
+            self.base.size = self.appended
+        self.node.etag = etag
+
+    async def _leave_append_mode(self) -> None:
+        """Any change but an append turns the append blob into a block blob at commit."""
+        if self.append_mode:
+            self.append_mode = False
+            self.laid_out = True
+
+    # -- reading back ----------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int, cache: BlockCache) -> bytes:
+        """Read your writes: unflushed data from memory, the rest from the base blob."""
+        async with self.lock:
+            end = min(offset + size, self.size)
+            if offset >= end:
+                return b""
+            if any(s.kind is Kind.STAGED and s.start < end and s.end > offset
+                   for s in self.segments):
+                await self._commit_locked()
+            plan: list[tuple[Segment, int, int]] = []
+            index = self._find(offset)
+            while index < len(self.segments) and self.segments[index].start < end:
+                seg = self.segments[index]
+                plan.append((seg, max(seg.start, offset), min(seg.end, end)))
+                index += 1
+            base = self.base
+            parts: list[bytes] = []
+            for seg, lo, hi in plan:
+                if seg.kind is Kind.DIRTY:
+                    parts.append(bytes(seg.data[lo - seg.start:hi - seg.start]))  # type: ignore[index]
+                elif seg.kind is Kind.ZERO:
+                    parts.append(bytes(hi - lo))
+                else:
+                    assert base is not None
+                    start = seg.base_offset + lo - seg.start
+                    parts.append(await self._read_base(cache, base, start, hi - lo))
+            return b"".join(parts)
+
+    async def _read_base(self, cache: BlockCache, base: BlobInfo, start: int, length: int) -> bytes:
+        try:
+            return await cache.read(self.name, base.etag, base.size, start, length)
+        except StorageError as exc:
+            raise FSError(exc.errno if exc.errno == errno.ESTALE else errno.EIO,
+                          f"reading {self.name}: {exc}") from None
+
+    # -- commit ----------------------------------------------------------------------------
+
+    async def commit(self) -> None:
+        async with self.lock:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise FSError(errno.EIO, f"writing {self.name}: {error}")
+        if self.deleted or not (self.changed or self.metadata_changed):
+            return
+        await self.idle.wait()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise FSError(errno.EIO, f"writing {self.name}: {error}")
+        if not self.metadata_changed:
+            self.metadata.pop("mtime", None)
+        try:
+            if self.append_mode:
+                await self._append_pending(force_all=True)
+                info = await self.driver.head(self.name)
+                if self.metadata_changed:
+                    await self.driver.set_metadata(self.name, self.metadata)
+                    info = await self.driver.head(self.name)
+                assert info is not None
+            else:
+                info = await self._commit_blocks()
+        except StorageError as exc:
+            raise FSError(errno.EIO, f"committing {self.name}: {exc}") from None
+        self._committed(info)
+        if self.buffer.on_commit is not None:
+            await self.buffer.on_commit(self.node, info)
+
+    async def relocate(self, new_name: str, move: Callable[[], Awaitable[BlobInfo]]) -> None:
+        """Rename while open: pending data is committed, moved, and the session follows."""
+        async with self.lock:
+            await self._commit_locked()  # a new file is `changed`, so it exists to be moved
+            info = await move()
+            self.name = new_name
+            self._committed(info)
+
+    async def _commit_blocks(self) -> BlobInfo:
+        dirty_only = all(s.kind in (Kind.DIRTY, Kind.ZERO) for s in self.segments)
+        if dirty_only and self.size <= SINGLE_PUT_MAX:
+            data = b"".join(
+                bytes(s.data) if s.kind is Kind.DIRTY else bytes(s.length)  # type: ignore[arg-type]
+                for s in self.segments
+            )
+            return await self.driver.put(self.name, data, self.metadata, self.content_type,
+                                         exclusive=self.exclusive)
+        if self.target_is_append:
+            # Put Block is refused on an append blob: this change replaces it (not atomic).
+            await self._absorb_base()
+            log.warning("rewriting append blob %s as a block blob", self.name)
+            await self.driver.delete(self.name)
+            self.target_is_append = False
+        block_ids = await self._stage_all()
+        if len(block_ids) > MAX_BLOCKS:
+            raise FSError(errno.EFBIG, f"{self.name} would need {len(block_ids)} blocks "
+                          f"(Azure allows {MAX_BLOCKS}); raise block_size")
+        return await self.driver.commit_blocks(self.name, block_ids, self.metadata,
+                                               self.content_type, exclusive=self.exclusive)
+
+    async def _absorb_base(self) -> None:
+        """Bring every BASE/COMMITTED range into memory (before the base blob goes away)."""
+        assert self.base is not None
+        for i, seg in enumerate(self.segments):
+            if seg.kind in (Kind.BASE, Kind.COMMITTED):
+                data = await self.driver.read(self.name, seg.base_offset, seg.length, self.base.etag)
+                seg.alive = False
+                self.segments[i] = self._add_dirty(seg.start, data)
+
+    async def _stage_all(self) -> list[str]:
+        """Stage whatever is not yet a block, grouping small pieces into blocks."""
+        runs: list[list[Segment]] = []
+        plan: list[str | int] = []  # a block ID, or the index of a run to stage
+        current: list[Segment] = []
+        current_len = 0
+        for seg in self.segments:
+            if seg.kind in (Kind.COMMITTED, Kind.STAGED):
+                if current:
+                    plan.append(len(runs))
+                    runs.append(current)
+                    current, current_len = [], 0
+                plan.append(seg.block_id)
+                continue
+            for piece in self._pieces(seg):
+                if current and current_len + piece.length > self.block_size:
+                    plan.append(len(runs))
+                    runs.append(current)
+                    current, current_len = [], 0
+                current.append(piece)
+                current_len += piece.length
+        if current:
+            plan.append(len(runs))
+            runs.append(current)
+        run_ids: dict[int, str] = {}
+        errors: list[StorageError] = []
+
+        async def stage_run(number: int, run: list[Segment]) -> None:
+            async with self.buffer.upload_limiter:
+                try:
+                    data = b"".join([await self._bytes_of(piece) for piece in run])
+                    block_id = self._new_block_id()
+                    await self.driver.stage_block(self.name, block_id, data)
+                    run_ids[number] = block_id
+                except StorageError as exc:
+                    errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for number, run in enumerate(runs):
+                nursery.start_soon(stage_run, number, run)
+        if errors:
+            raise errors[0]
+        return [item if isinstance(item, str) else run_ids[item] for item in plan]
+
+    def _pieces(self, seg: Segment) -> list[Segment]:
+        """A segment cut into block-sized pieces (views, not copies, of DIRTY data)."""
+        if seg.length <= self.block_size:
+            return [seg]
+        pieces = []
+        for lo in range(0, seg.length, self.block_size):
+            hi = min(lo + self.block_size, seg.length)
+            piece = Segment(seg.start + lo, hi - lo, seg.kind, base_offset=seg.base_offset + lo)
+            if seg.kind is Kind.DIRTY:
+                piece.data = memoryview(seg.data)[lo:hi]  # type: ignore[arg-type]
+            pieces.append(piece)
+        return pieces
+
+    async def _bytes_of(self, piece: Segment) -> bytes:
+        if piece.kind is Kind.DIRTY:
+            return bytes(piece.data)  # type: ignore[arg-type]
+        if piece.kind is Kind.ZERO:
+            return bytes(piece.length)
+        assert self.base is not None
+        return await self.driver.read(self.name, piece.base_offset, piece.length, self.base.etag)
+
+    def _committed(self, info: BlobInfo) -> None:
+        """The blob now is exactly our segments: they all become reusable committed data."""
+        for seg in self.segments:
+            self._retire(seg)
+        self.base = info
+        self.size = info.size
+        self.segments = [Segment(0, info.size, Kind.BASE)] if info.size else []
+        self.laid_out = info.size == 0
+        self.append_mode = info.is_append
+        self.target_is_append = info.is_append
+        self.appended = info.size if info.is_append else 0
+        self.changed = False
+        self.metadata_changed = False
+        self.exclusive = False
+        self.node.absorb(info)
+
+    def discard(self) -> None:
+        for seg in self.segments:
+            self._retire(seg)
+        self.segments = []
+        self.node.writing = False

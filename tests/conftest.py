@@ -1,0 +1,127 @@
+"""Test fixtures: one Azurite for the session, a fresh container per test, and mounts made
+through azregfs's own CLI in a subprocess (``--foreground``), always unmounted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient
+
+from azregfs.azurite import Azurite
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    server = Azurite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def container_name() -> str:
+    return "t" + uuid.uuid4().hex[:20]
+
+
+@pytest.fixture
+def container(azurite: Azurite, container_name: str) -> Iterator[ContainerClient]:
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    client = service.get_container_client(container_name)
+    client.create_container()
+    yield client
+    try:
+        client.delete_container()
+    except Exception:  # noqa: BLE001 - Azurite may already be stopped by the test
+        pass
+
+
+@dataclass
+class Mount:
+    path: Path
+    process: subprocess.Popen
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict:
+        return json.loads(os.getxattr(self.path, "user.azregfs.stats"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def unmount(self, timeout: float = 60) -> int:
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            subprocess.run(["fusermount3", "-uz", str(self.path)], check=False)
+            return -9
+
+
+def azregfs_command() -> list[str]:
+    return [sys.executable, "-m", "azregfs"]
+
+
+def start_mount(
+    azurite: Azurite, container: str, path: Path, *extra: str,
+    env: dict[str, str] | None = None, timeout: float = 30,
+) -> Mount:
+    path.mkdir(parents=True, exist_ok=True)
+    log_path = path.parent / f"{path.name}.log"
+    full_env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
+    full_env.update(env or {})
+    args = [*azregfs_command(), "mount", "--foreground", "--log-level", "DEBUG",
+            *extra, container, str(path)]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(path):
+        if process.poll() is not None:
+            raise RuntimeError(f"mount exited {process.returncode}: {log_path.read_text()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"mount not live after {timeout}s: {log_path.read_text()}")
+        time.sleep(0.05)
+    return Mount(path, process, log_path, args)
+
+
+@pytest.fixture
+def mount_factory(azurite: Azurite, tmp_path: Path) -> Iterator:
+    mounts: list[Mount] = []
+
+    def make(container: str, *extra: str, name: str = "mnt", **kwargs) -> Mount:
+        mount = start_mount(azurite, container, tmp_path / name, *extra, **kwargs)
+        mounts.append(mount)
+        return mount
+
+    yield make
+    for mount in mounts:
+        mount.unmount()
+
+
+@pytest.fixture
+def mnt(mount_factory, container: ContainerClient) -> Mount:
+    """The default: a mount of a fresh, empty container."""
+    return mount_factory(container.container_name)
+
+
+def blob_names(container: ContainerClient) -> list[str]:
+    return sorted(blob.name for blob in container.list_blobs())
+
+
+def need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is not installed (scripts/install installs it)")
