@@ -57,6 +57,9 @@ def _seed(connection_string: str) -> None:
 
 
 def stop(mountpoint: str) -> int:
+    from .demo_registry import stop_registry
+
+    stop_registry()  # first: a running registry keeps the mount busy
     if os.path.ismount(mountpoint):
         subprocess.run([sys.executable, "-m", "azregfs", "unmount", mountpoint], check=False)
     pid_file = STATE / "azurite.pid"
