@@ -1,19 +1,40 @@
 """The read path: a block cache keyed by (blob name, ETag, block index), with read-ahead.
 
+Two tiers: memory (always; an LRU bounded in bytes by ``cache_size``) and, when
+``cache_dir`` is set, local disk (an LRU bounded by ``cache_dir_size`` that survives a
+remount). A block fetched from Azure goes to both; a memory miss that the disk holds is
+read back from disk, off the event loop, and promoted.
+
 Invariants:
 - A block is only ever stored under the ETag it was read with (reads are conditional on
-  that ETag), so once a new ETag is known no block of the old version can be served.
-- Concurrent readers of one block wait on one download (``_inflight``), never several.
-- Memory is bounded in bytes (``cache_size``); read-ahead only fills that cache, through a
-  CapacityLimiter, so it can never run ahead of the bound.
+  that ETag), so once a new ETag is known no block of the old version can be served. The
+  disk tier keys its files by a hash of the same triple (plus account, container and block
+  size), so a remount with another ETag or another block size never finds an old file.
+- Concurrent readers of one block wait on one load (``_inflight``), never several, whether
+  that load comes from disk or from Azure.
+- Memory is bounded in bytes: cached blocks plus the read-ahead window fit ``cache_size``;
+  read-ahead only fills that cache, through a CapacityLimiter.
 - A handle that reads sequentially has the next blocks fetched ahead of it, the window
-  doubling with the run up to ``read_ahead``; a random read fetches just the aligned range
-  it needs and bypasses the cache, as a ranged GET would.
+  doubling with the run up to ``read_ahead`` and refilled in runs of consecutive blocks,
+  one ranged GET per run; a random read of a block nobody holds fetches just the aligned
+  range it needs and bypasses the cache, as a ranged GET would.
+- Disk files are written to a temporary name and renamed into place, carry their length and
+  CRC32 in a header, and are checked when read: a crash or a torn write costs a miss, never
+  wrong bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import logging
+import os
+import struct
+import time
+import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import cachetools
@@ -49,6 +70,10 @@ class CacheStats:
     bytes_from_azure: int = 0
     evictions: int = 0
     prefetched: int = 0
+    disk_hits: int = 0
+    disk_writes: int = 0
+    disk_evictions: int = 0
+    disk_errors: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -71,22 +96,252 @@ class _Download:
     error: BaseException | None = None
 
 
+# -- the disk tier ---------------------------------------------------------------------------
+
+_HEADER = struct.Struct("<4sQI")  # magic, payload length, CRC32 of the payload
+_MAGIC = b"AZB1"
+_NAME_LENGTH = 64  # hex digits of a SHA-256
+LOCK_FILE = "lock"
+
+
+def _is_block_file(name: str) -> bool:
+    return len(name) == _NAME_LENGTH and all(c in "0123456789abcdef" for c in name)
+
+
+class DiskTier:
+    """Blocks as files in one private directory, LRU-bounded in bytes.
+
+    The index (file name -> bytes on disk, least recently used first) lives on the trio
+    thread; worker threads only touch files. A name leaves the index before its file is
+    unlinked, so a reader either sees the file or misses; a file that vanished under a
+    reader is a miss too.
+    """
+
+    def __init__(self, directory: str, capacity: int, namespace: str,
+                 concurrency: int = 4, max_pending: int = 64 * 1024 * 1024) -> None:
+        # One subdirectory per account and container: a shared cache_dir then never mixes
+        # two containers, and we only ever chmod a directory we created.
+        digest = hashlib.sha256(namespace.encode()).hexdigest()[:16]
+        self.directory = os.path.join(directory, f"azregfs-{digest}")
+        self.capacity = capacity
+        self.namespace = namespace
+        self.used = 0  # bytes of indexed files plus writes in progress
+        self.index: OrderedDict[str, int] = OrderedDict()
+        self.writing: set[str] = set()
+        self.pending_bytes = 0
+        self.max_pending = max_pending
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._lock_fd: int | None = None
+
+    # -- startup (synchronous: runs before the event loop) -------------------------------
+
+    def open(self) -> None:
+        """Create or adopt the directory, take its lock, index it and trim it to the bound."""
+        parent = os.path.dirname(self.directory)
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.directory, 0o700)
+        info = os.lstat(self.directory)
+        if not os.path.isdir(self.directory) or os.path.islink(self.directory):
+            raise OSError(errno.ENOTDIR, f"{self.directory} is not a directory")
+        if info.st_uid != os.getuid():
+            raise OSError(errno.EPERM, f"{self.directory} belongs to uid {info.st_uid}")
+        os.chmod(self.directory, 0o700)
+        lock_fd = os.open(os.path.join(self.directory, LOCK_FILE),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise OSError(errno.EBUSY, f"{self.directory} is in use by another azregfs "
+                          "mount; give each mount its own cache_dir") from None
+        self._lock_fd = lock_fd
+        found: list[tuple[float, str, int]] = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name == LOCK_FILE:
+                    continue
+                if not _is_block_file(entry.name):
+                    _unlink(entry.path)  # temporary files of an interrupted write
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    stat = entry.stat(follow_symlinks=False)
+                    found.append((stat.st_mtime, entry.name, stat.st_size))
+        for _, name, size in sorted(found):
+            self.index[name] = size
+            self.used += size
+        trimmed = 0
+        while self.used > self.capacity and self.index:
+            name, size = self.index.popitem(last=False)
+            self.used -= size
+            _unlink(self._path(name))
+            trimmed += 1
+        log.info("disk cache %s: %d blocks, %d MiB (bound %d MiB)%s", self.directory,
+                 len(self.index), self.used >> 20, self.capacity >> 20,
+                 f", {trimmed} old blocks removed" if trimmed else "")
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def file_name(self, block_size: int, key: Key) -> str:
+        name, etag, index = key
+        text = "\0".join((self.namespace, str(block_size), name, etag, str(index)))
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _path(self, file_name: str) -> str:
+        return os.path.join(self.directory, file_name)
+
+    def __contains__(self, file_name: str) -> bool:
+        return file_name in self.index
+
+    # -- I/O -----------------------------------------------------------------------------
+
+    async def get(self, file_name: str, length: int, stats: CacheStats) -> bytes | None:
+        """The block stored under file_name if it is there, whole and `length` long."""
+        if file_name not in self.index:
+            return None
+        self.index.move_to_end(file_name)
+        path = self._path(file_name)
+        try:
+            data = await trio.to_thread.run_sync(_read_block, path, length,
+                                                 limiter=self._limiter)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                stats.disk_errors += 1
+                log.warning("disk cache: cannot read %s: %s", path, exc.strerror)
+            data = None
+        if data is None and file_name in self.index:
+            # Missing or damaged: forget it, so the next read goes to Azure and rewrites it.
+            self.used -= self.index.pop(file_name)
+            await trio.to_thread.run_sync(_unlink, path, limiter=self._limiter)
+        return data
+
+    def accepts(self, size: int) -> bool:
+        """Room in the queue of writes? (When the disk is slower than the network, blocks
+        are not queued without bound: they are simply not kept on disk.)"""
+        return self.pending_bytes + size <= self.max_pending
+
+    async def put(self, file_name: str, data: bytes, stats: CacheStats) -> None:
+        if file_name in self.index or file_name in self.writing:
+            return
+        size = _HEADER.size + len(data)
+        if size > self.capacity:
+            return
+        self.writing.add(file_name)
+        self.pending_bytes += len(data)
+        self.used += size
+        victims: list[str] = []
+        while self.used > self.capacity and self.index:
+            name, victim_size = self.index.popitem(last=False)
+            self.used -= victim_size
+            victims.append(name)
+        stats.disk_evictions += len(victims)
+        try:
+            await trio.to_thread.run_sync(
+                _write_block, self.directory, file_name, data, [self._path(v) for v in victims],
+                limiter=self._limiter,
+            )
+        except OSError as exc:
+            self.used -= size
+            stats.disk_errors += 1
+            log.warning("disk cache: cannot write to %s: %s", self.directory, exc.strerror)
+        else:
+            self.index[file_name] = size
+            stats.disk_writes += 1
+        finally:
+            self.writing.discard(file_name)
+            self.pending_bytes -= len(data)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _read_block(path: str, length: int) -> bytes | None:
+    with open(path, "rb", buffering=0) as handle:
+        blob = handle.read(_HEADER.size + length + 1)
+    if len(blob) != _HEADER.size + length:
+        return None
+    magic, stored_length, crc = _HEADER.unpack_from(blob)
+    data = blob[_HEADER.size:]
+    if magic != _MAGIC or stored_length != length or zlib.crc32(data) != crc:
+        return None
+    now = time.time()
+    with contextlib.suppress(OSError):
+        os.utime(path, (now, now))  # the LRU order a remount will rebuild
+    return data
+
+
+def _write_block(directory: str, file_name: str, data: bytes, victims: list[str]) -> None:
+    for victim in victims:
+        _unlink(victim)
+    temporary = os.path.join(directory, f"{file_name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as handle:
+            handle.write(_HEADER.pack(_MAGIC, len(data), zlib.crc32(data)))
+            view = memoryview(data)
+            while view:
+                view = view[handle.write(view):]
+        os.replace(temporary, os.path.join(directory, file_name))
+    except BaseException:
+        _unlink(temporary)
+        raise
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+
 class BlockCache:
     def __init__(
         self, driver: Driver, block_size: int, capacity: int, read_ahead: int,
-        concurrency: int = 8,
+        concurrency: int = 8, *, disk: DiskTier | None = None, stats_interval: float = 30.0,
+        max_fetch: int = 8 * 1024 * 1024,
     ) -> None:
         self.driver = driver
         self.block_size = block_size
-        self.read_ahead = read_ahead
+        # A window larger than a quarter of memory would evict blocks before their reader
+        # gets to them (several readers share the cache).
+        self.read_ahead = min(read_ahead, max(capacity // 4, block_size))
+        self.max_fetch = max_fetch  # the largest ranged GET read-ahead makes
         self.stats = CacheStats()
-        self.blocks = _Blocks(max(capacity, block_size), self.stats)
+        # cache_size bounds the read path's memory: cached blocks plus the read-ahead
+        # window in flight (whose ranged GETs hold a few transient copies each).
+        self.blocks = _Blocks(max(capacity - self.read_ahead, block_size), self.stats)
+        self.disk = disk
+        self.stats_interval = stats_interval
         self._inflight: dict[Key, _Download] = {}
         self._prefetch_limiter = trio.CapacityLimiter(concurrency)
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        if self.stats_interval > 0:
+            nursery.start_soon(self._log_stats)
+
+    async def _log_stats(self) -> None:
+        """Every stats_interval seconds, one debug line if anything changed."""
+        last: dict[str, int] = {}
+        while True:
+            await trio.sleep(self.stats_interval)
+            now = self.stats.as_dict()
+            if now != last:
+                last = now
+                log.debug("cache: %s memory_bytes=%d%s",
+                          " ".join(f"{k}={v}" for k, v in now.items()), self.blocks.currsize,
+                          f" disk_bytes={self.disk.used}" if self.disk else "")
+
+    def _held(self, key: Key) -> bool:
+        """Is the block in memory, on its way, or on disk (cheaper than a ranged GET)?"""
+        return key in self.blocks or key in self._inflight or self._on_disk(key)
+
+    def _on_disk(self, key: Key) -> bool:
+        return self.disk is not None and self.disk.file_name(self.block_size, key) in self.disk
 
     async def read(
         self, name: str, etag: str, blob_size: int, offset: int, size: int,
@@ -99,8 +354,7 @@ class BlockCache:
         sequential = stream.observe(offset, size) if stream else True
         first = offset // self.block_size
         last = (end - 1) // self.block_size
-        cached = all((name, etag, i) in self.blocks for i in range(first, last + 1))
-        if not sequential and not cached:
+        if not sequential and not all(self._held((name, etag, i)) for i in range(first, last + 1)):
             return await self._direct(name, etag, blob_size, offset, end)
         if stream is not None and sequential:
             self._read_ahead(name, etag, blob_size, last, stream)
@@ -128,22 +382,28 @@ class BlockCache:
             return data
         download = self._inflight.get(key)
         if download is None:
-            self.stats.misses += 1
-            return await self._fetch(key, blob_size)
+            return await self._fetch(key, blob_size, for_reader=True)
         await download.done.wait()
         if download.error is not None:
             raise download.error
         assert download.data is not None
         return download.data
 
-    async def _fetch(self, key: Key, blob_size: int) -> bytes:
+    async def _fetch(self, key: Key, blob_size: int, for_reader: bool) -> bytes:
+        """Load one block from disk or Azure; hits and misses count readers, not read-ahead."""
         name, etag, index = key
         download = self._inflight[key] = _Download()
         try:
             start = index * self.block_size
             length = min(self.block_size, blob_size - start)
-            data = await self.driver.read(name, start, length, etag)
-            self.stats.bytes_from_azure += len(data)
+            data = await self._from_disk(key, length)
+            if data is not None and for_reader:
+                self.stats.hits += 1
+            if data is None:
+                self.stats.misses += for_reader
+                data = await self.driver.read(name, start, length, etag)
+                self.stats.bytes_from_azure += len(data)
+                self._to_disk(key, data)
             download.data = data
             self.blocks[key] = data
             return data
@@ -154,28 +414,105 @@ class BlockCache:
             del self._inflight[key]
             download.done.set()
 
+    async def _from_disk(self, key: Key, length: int) -> bytes | None:
+        if self.disk is None:
+            return None
+        data = await self.disk.get(self.disk.file_name(self.block_size, key), length, self.stats)
+        if data is not None:
+            self.stats.disk_hits += 1
+        return data
+
+    def _to_disk(self, key: Key, data: bytes) -> None:
+        # Written in the background: the reader has its bytes and need not wait for a disk.
+        if self.disk is not None and self._nursery is not None and self.disk.accepts(len(data)):
+            self._nursery.start_soon(
+                self.disk.put, self.disk.file_name(self.block_size, key), data, self.stats
+            )
+
     def _read_ahead(
         self, name: str, etag: str, blob_size: int, last: int, stream: ReadStream
     ) -> None:
+        """Keep up to a window of blocks ahead of a sequential reader, fetched in runs.
+
+        The window doubles with the run up to ``read_ahead``; it is refilled a half-window
+        at a time (at most ``max_fetch`` bytes per GET), because one large ranged GET costs
+        far less than many small ones (per-request latency, and CPU on both ends).
+        """
         if self._nursery is None or stream.run < self.block_size // 2:
             return
-        window = min(self.read_ahead, max(self.block_size, stream.run))
-        final = min((blob_size - 1) // self.block_size, last + window // self.block_size)
-        for index in range(max(last + 1, stream.prefetched_to), final + 1):
-            key = (name, etag, index)
-            if key not in self.blocks and key not in self._inflight:
-                self._nursery.start_soon(self._prefetch, key, blob_size)
-        stream.prefetched_to = max(stream.prefetched_to, final + 1)
+        window = max(1, min(self.read_ahead, max(self.block_size, stream.run)) // self.block_size)
+        step = max(1, min(self.max_fetch // self.block_size, window // 2))
+        end_of_blob = (blob_size - 1) // self.block_size
+        final = min(end_of_blob, last + window)
+        first = max(last + 1, stream.prefetched_to)
+        while first <= final and (final - first + 1 >= step or final == end_of_blob):
+            count = min(step, final - first + 1)
+            self._nursery.start_soon(self._prefetch, name, etag, blob_size, first, count)
+            first += count
+        stream.prefetched_to = max(stream.prefetched_to, first)
 
-    async def _prefetch(self, key: Key, blob_size: int) -> None:
+    async def _prefetch(self, name: str, etag: str, blob_size: int, first: int,
+                        count: int) -> None:
         async with self._prefetch_limiter:
-            if key in self.blocks or key in self._inflight:
-                return
-            self.stats.prefetched += 1
-            try:
-                await self._fetch(key, blob_size)
-            except Exception as exc:  # noqa: BLE001 - the reader will retry and report
-                log.debug("read-ahead of %s block %d failed: %s", key[0], key[2], exc)
+            runs: list[list[int]] = []  # consecutive blocks to GET together
+            joinable = False
+            for index in range(first, first + count):
+                key = (name, etag, index)
+                if key in self.blocks or key in self._inflight:
+                    joinable = False
+                    continue
+                on_disk = self._on_disk(key)
+                if joinable and not on_disk and runs[-1][-1] == index - 1:
+                    runs[-1].append(index)
+                else:
+                    runs.append([index])  # a block on disk is read back on its own
+                joinable = not on_disk
+            for run in runs:
+                try:
+                    if len(run) > 1:
+                        await self._fetch_run(name, etag, blob_size, run)
+                    elif (key := (name, etag, run[0])) not in self.blocks \
+                            and key not in self._inflight:
+                        self.stats.prefetched += 1
+                        await self._fetch(key, blob_size, for_reader=False)
+                except Exception as exc:  # noqa: BLE001 - the reader will retry and report
+                    log.debug("read-ahead of %s blocks %s failed: %s", name, run, exc)
+                    return
+
+    async def _fetch_run(self, name: str, etag: str, blob_size: int, run: list[int]) -> None:
+        """Consecutive blocks in one ranged GET, each cached on its own.
+
+        Blocks a reader started loading since the run was planned are left to that reader
+        (checked and claimed with no await in between, so one block never has two loads).
+        """
+        downloads = {key: _Download() for key in ((name, etag, index) for index in run)
+                     if key not in self.blocks and key not in self._inflight}
+        if not downloads:
+            return
+        self._inflight.update(downloads)
+        self.stats.prefetched += len(downloads)
+        try:
+            first = min(key[2] for key in downloads)
+            last = max(key[2] for key in downloads)
+            start = first * self.block_size
+            length = min((last + 1) * self.block_size, blob_size) - start
+            data = await self.driver.read(name, start, length, etag)
+            self.stats.bytes_from_azure += len(data)
+            view = memoryview(data)
+            for key, download in downloads.items():
+                offset = (key[2] - first) * self.block_size
+                block = bytes(view[offset:offset + self.block_size])
+                download.data = block
+                self.blocks[key] = block
+                self._to_disk(key, block)
+        except BaseException as exc:
+            for download in downloads.values():
+                download.error = exc
+            raise
+        finally:
+            for key, download in downloads.items():
+                del self._inflight[key]
+                download.done.set()
 
     def put(self, name: str, etag: str, index: int, data: bytes) -> None:
         """Seed a block we already hold (e.g. just written) so it need not be read back."""
