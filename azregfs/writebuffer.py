@@ -26,7 +26,13 @@ Rules the code relies on:
   and have the length of the blob's existing IDs when there are any (Azure requires one
   length per blob), so a resumed upload reuses the committed blocks and sends only new data.
 - A failed stage or commit is kept in ``error`` and raised by the next flush/fsync (EIO);
-  the DIRTY data stays, so a later fsync can still succeed.
+  the DIRTY data stays, so a later fsync can still succeed. The release after a failed
+  flush does not try again behind the application's back: it drops the data (WARNING).
+- While a commit uploads (``committing``), budget spills leave the session alone: the
+  commit has planned its blocks from the segments. Reads copy memory before any await.
+- An append blob rewritten as a block blob (O_TRUNC, a write before its end) cannot stage
+  blocks under its name until the commit deletes it, so that data is held in memory
+  outside the budget's back-pressure (a registry never does this to large files).
 """
 
 from __future__ import annotations
@@ -70,16 +76,16 @@ class Segment:
     kind: Kind
     block_id: str = ""  # COMMITTED and STAGED
     base_offset: int = 0  # COMMITTED and BASE: where the bytes are in the base blob
-    data: bytearray | bytes | None = None  # DIRTY (bytes while being staged)
+    data: bytearray | None = None  # DIRTY
     alive: bool = True
+    # DIRTY data being staged: a worker thread reads it, so it is never changed in place;
+    # later writes to its range replace the segment instead.
+    frozen: bool = False
+    data_offset: int = 0  # a piece of a DIRTY segment (see _pieces): where it starts in data
 
     @property
     def end(self) -> int:
         return self.start + self.length
-
-    @property
-    def frozen(self) -> bool:
-        return isinstance(self.data, bytes)
 
 
 class DirtyBudget:
@@ -137,8 +143,9 @@ class WriteBuffer:
         if session is None:
             session = WriteSession(self, node, name, base)
             self.sessions[node.inode] = session
+            truncate = truncate or base is None  # a new file must be committed, even empty
         session.holders += 1
-        if truncate or base is None:
+        if truncate:
             session.truncate_now(0)
         if exclusive:
             session.exclusive = True
@@ -149,7 +156,11 @@ class WriteBuffer:
         session.holders -= 1
         if session.holders > 0:
             return
-        if session.changed and not session.deleted:
+        if session.changed and not session.deleted and session.failed_commit:
+            # The application was told (EIO from flush/fsync); committing now, behind its
+            # back, could replace a blob it believes unchanged.
+            log.warning("discarding unsaved data of %s after its failed commit", session.name)
+        elif session.changed and not session.deleted:
             try:
                 await session.commit()
             except FSError as exc:
@@ -198,11 +209,14 @@ class WriteSession:
         self.idle.set()
         self.error: StorageError | None = None
         self.changed = False
+        self.failed_commit = False  # the last commit raised, and nothing was written since
+        self.committing = False  # a commit is uploading: background staging must keep off
         self.exclusive = False
         self.deleted = False
         self.holders = 0
         self.dirty_bytes = 0
-        self.metadata: dict[str, str] = dict(base.metadata) if base else {}
+        # A new file starts from what create() put on the node (its mode).
+        self.metadata: dict[str, str] = dict(base.metadata if base else node.metadata)
         self.metadata_changed = False
         self.content_type = base.content_type if base else None
         node.writing = True
@@ -275,7 +289,9 @@ class WriteSession:
 
     async def write(self, offset: int, data: bytes) -> int:
         if self.deleted:
-            pass  # writes to an unlinked open file go nowhere, as on a local filesystem
+            # Unlinked while open: nothing will ever be committed, so nothing is kept (and
+            # the base blob is gone, so it cannot be laid out).
+            return len(data)
         if not self.target_is_append or self.append_mode:
             await self.buffer.budget.wait_for_room(len(data))
         async with self.lock:
@@ -285,6 +301,8 @@ class WriteSession:
                 await self._lay_out()
             await self._write_locked(offset, data)
         self.changed = True
+        self.failed_commit = False
+        self.metadata.pop("mtime", None)  # a write after utime() sets mtime to now, as POSIX
         self.node.size = self.size
         self.node.mtime = time.time()
         if self.append_mode and self.size - self.appended >= self.block_size:
@@ -392,9 +410,12 @@ class WriteSession:
         self.laid_out = True
         self.append_mode = False
         self.changed = True
+        self.failed_commit = False
         self.node.size = 0
 
     async def truncate(self, size: int) -> None:
+        if self.deleted:
+            return
         async with self.lock:
             if size == 0:
                 self.truncate_now(0)
@@ -419,6 +440,7 @@ class WriteSession:
                 self.segments = keep + ([tail] if tail else [])
                 self.size = size
             self.changed = True
+            self.failed_commit = False
             self.node.size = self.size
             self.node.mtime = time.time()
 
@@ -427,15 +449,15 @@ class WriteSession:
     def _stage_soon(self, seg: Segment) -> None:
         if self.target_is_append or self.buffer.nursery is None or seg.frozen:
             return
-        seg.data = bytes(seg.data)  # frozen: later writes to this range replace the segment
+        seg.frozen = True  # no copy: the bytes stay in the bytearray, never changed again
         self.inflight += 1
         self.idle = trio.Event() if self.inflight == 1 else self.idle
         self.buffer.nursery.start_soon(self._stage, seg)
 
     def stage_partial(self) -> None:
         """Budget pressure: upload every unfrozen DIRTY segment now, full or not."""
-        if self.append_mode:
-            return
+        if self.append_mode or self.committing:
+            return  # a commit plans its blocks from the segments: no stage may change them
         for seg in self.segments:
             if seg.kind is Kind.DIRTY and not seg.frozen:
                 self._stage_soon(seg)
@@ -446,10 +468,11 @@ class WriteSession:
             async with self.buffer.upload_limiter:
                 await self.driver.stage_block(self.name, block_id, seg.data)  # type: ignore[arg-type]
         except StorageError as exc:
-            log.error("staging a block of %s failed: %s", self.name, exc)
+            # WARNING: the next flush/fsync reports it (as ERROR) to the application.
+            log.warning("staging a block of %s failed: %s", self.name, exc)
             self.error = exc
             if seg.alive:
-                seg.data = bytearray(seg.data)  # type: ignore[arg-type]  # unfreeze: retry
+                seg.frozen = False  # kept as DIRTY: the next commit stages it again
         else:
             if seg.alive:
                 self._account(-len(seg.data))  # type: ignore[arg-type]
@@ -517,24 +540,26 @@ class WriteSession:
             if any(s.kind is Kind.STAGED and s.start < end and s.end > offset
                    for s in self.segments):
                 await self._commit_locked()
-            plan: list[tuple[Segment, int, int]] = []
+            # Memory is copied before the first await: a background stage may turn a DIRTY
+            # segment STAGED (data gone) while a base range is being fetched.
+            base = self.base
+            parts: list[bytes | tuple[int, int]] = []  # bytes, or a (start, length) of base
             index = self._find(offset)
             while index < len(self.segments) and self.segments[index].start < end:
                 seg = self.segments[index]
-                plan.append((seg, max(seg.start, offset), min(seg.end, end)))
-                index += 1
-            base = self.base
-            parts: list[bytes] = []
-            for seg, lo, hi in plan:
+                lo, hi = max(seg.start, offset), min(seg.end, end)
                 if seg.kind is Kind.DIRTY:
                     parts.append(bytes(seg.data[lo - seg.start:hi - seg.start]))  # type: ignore[index]
                 elif seg.kind is Kind.ZERO:
                     parts.append(bytes(hi - lo))
                 else:
+                    parts.append((seg.base_offset + lo - seg.start, hi - lo))
+                index += 1
+            for i, part in enumerate(parts):
+                if isinstance(part, tuple):
                     assert base is not None
-                    start = seg.base_offset + lo - seg.start
-                    parts.append(await self._read_base(cache, base, start, hi - lo))
-            return b"".join(parts)
+                    parts[i] = await self._read_base(cache, base, *part)
+            return b"".join(parts)  # type: ignore[arg-type]
 
     async def _read_base(self, cache: BlockCache, base: BlobInfo, start: int, length: int) -> bytes:
         try:
@@ -550,17 +575,27 @@ class WriteSession:
             await self._commit_locked()
 
     async def _commit_locked(self) -> None:
+        try:
+            await self._commit_unguarded()
+        except FSError:
+            self.failed_commit = True
+            raise
+
+    async def _commit_unguarded(self) -> None:
         if self.error is not None:
             error, self.error = self.error, None
-            raise FSError(errno.EIO, f"writing {self.name}: {error}")
+            code = errno.EACCES if error.errno == errno.EACCES else errno.EIO
+            raise FSError(code, f"writing {self.name}: {error}")
         if self.deleted or not (self.changed or self.metadata_changed):
             return
         await self.idle.wait()
         if self.error is not None:
             error, self.error = self.error, None
-            raise FSError(errno.EIO, f"writing {self.name}: {error}")
+            code = errno.EACCES if error.errno == errno.EACCES else errno.EIO
+            raise FSError(code, f"writing {self.name}: {error}")
         if not self.metadata_changed:
             self.metadata.pop("mtime", None)
+        self.committing = True
         try:
             if self.append_mode:
                 await self._append_pending(force_all=True)
@@ -572,7 +607,11 @@ class WriteSession:
             else:
                 info = await self._commit_blocks()
         except StorageError as exc:
-            raise FSError(errno.EIO, f"committing {self.name}: {exc}") from None
+            # EACCES tells the operator the credential is read-only; anything else is EIO.
+            code = errno.EACCES if exc.errno == errno.EACCES else errno.EIO
+            raise FSError(code, f"committing {self.name}: {exc}") from None
+        finally:
+            self.committing = False
         self._committed(info)
         if self.buffer.on_commit is not None:
             await self.buffer.on_commit(self.node, info)
@@ -586,6 +625,13 @@ class WriteSession:
             self._committed(info)
 
     async def _commit_blocks(self) -> BlobInfo:
+        if self.target_is_append:
+            # Azure refuses Put Block, and Put Blob too, over an append blob (Azurite does
+            # not): this change replaces it by delete + create, not atomically.
+            await self._absorb_base()
+            log.warning("rewriting append blob %s as a block blob", self.name)
+            await self.driver.delete(self.name)
+            self.target_is_append = False
         dirty_only = all(s.kind in (Kind.DIRTY, Kind.ZERO) for s in self.segments)
         if dirty_only and self.size <= SINGLE_PUT_MAX:
             data = b"".join(
@@ -594,12 +640,6 @@ class WriteSession:
             )
             return await self.driver.put(self.name, data, self.metadata, self.content_type,
                                          exclusive=self.exclusive)
-        if self.target_is_append:
-            # Put Block is refused on an append blob: this change replaces it (not atomic).
-            await self._absorb_base()
-            log.warning("rewriting append blob %s as a block blob", self.name)
-            await self.driver.delete(self.name)
-            self.target_is_append = False
         block_ids = await self._stage_all()
         if len(block_ids) > MAX_BLOCKS:
             raise FSError(errno.EFBIG, f"{self.name} would need {len(block_ids)} blocks "
@@ -612,7 +652,8 @@ class WriteSession:
         assert self.base is not None
         for i, seg in enumerate(self.segments):
             if seg.kind in (Kind.BASE, Kind.COMMITTED):
-                data = await self.driver.read(self.name, seg.base_offset, seg.length, self.base.etag)
+                data = await self.driver.read(self.name, seg.base_offset, seg.length,
+                                              self.base.etag)
                 seg.alive = False
                 self.segments[i] = self._add_dirty(seg.start, data)
 
@@ -661,7 +702,7 @@ class WriteSession:
         return [item if isinstance(item, str) else run_ids[item] for item in plan]
 
     def _pieces(self, seg: Segment) -> list[Segment]:
-        """A segment cut into block-sized pieces (views, not copies, of DIRTY data)."""
+        """A segment cut into block-sized pieces (sharing, not copying, DIRTY data)."""
         if seg.length <= self.block_size:
             return [seg]
         pieces = []
@@ -669,13 +710,16 @@ class WriteSession:
             hi = min(lo + self.block_size, seg.length)
             piece = Segment(seg.start + lo, hi - lo, seg.kind, base_offset=seg.base_offset + lo)
             if seg.kind is Kind.DIRTY:
-                piece.data = memoryview(seg.data)[lo:hi]  # type: ignore[arg-type]
+                # No memoryview kept: an export would forbid the bytearray to grow later.
+                piece.data, piece.data_offset = seg.data, lo
             pieces.append(piece)
         return pieces
 
     async def _bytes_of(self, piece: Segment) -> bytes:
         if piece.kind is Kind.DIRTY:
-            return bytes(piece.data)  # type: ignore[arg-type]
+            assert piece.data is not None
+            with memoryview(piece.data) as view:
+                return bytes(view[piece.data_offset:piece.data_offset + piece.length])
         if piece.kind is Kind.ZERO:
             return bytes(piece.length)
         assert self.base is not None
@@ -693,6 +737,7 @@ class WriteSession:
         self.target_is_append = info.is_append
         self.appended = info.size if info.is_append else 0
         self.changed = False
+        self.failed_commit = False
         self.metadata_changed = False
         self.exclusive = False
         self.node.absorb(info)
