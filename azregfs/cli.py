@@ -8,6 +8,8 @@ has failed (non-zero, with the daemon's one-line reason), as sshfs and s3ql do.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import logging.handlers
 import os
@@ -25,7 +27,7 @@ log = logging.getLogger("azregfs")
 def _mount_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("mount", help="mount a container")
     p.add_argument("container", nargs="?", help="container name (or 'container' in the config)")
-    p.add_argument("mountpoint")
+    p.add_argument("mountpoint", nargs="?", help="where to mount (or 'mountpoint' in the config)")
     p.add_argument("--config", "-c", help="YAML file: our keys, or a registry config.yml")
     p.add_argument("-o", dest="options", action="append", default=[],
                    help="mount options key=value,... (fstab style)")
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _mount_parser(sub)
     u = sub.add_parser("unmount", help="flush and unmount")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", nargs="?")
+    u.add_argument("--config", "-c", help="take the mountpoint from this YAML file")
     u.add_argument("--timeout", type=float, default=60.0)
     d = sub.add_parser("demo", help="mount a demo container (a local Azurite without account)")
     d.add_argument("--mountpoint", default="mnt")
@@ -74,7 +77,11 @@ def load_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
         "create_container": args.create_container, "cache_dir": args.cache_dir,
         "log_level": args.log_level, "log_file": args.log_file,
     }
-    return config.build(config_file, os.environ, mount_options, flags), passthrough
+    cfg = config.build(config_file, os.environ, mount_options, flags)
+    # The daemon runs in '/': relative paths are the caller's.
+    cfg.log_file = os.path.abspath(cfg.log_file) if cfg.log_file else ""
+    cfg.cache_dir = os.path.abspath(cfg.cache_dir) if cfg.cache_dir else ""
+    return cfg, passthrough
 
 
 def setup_logging(cfg: Config, foreground: bool) -> None:
@@ -99,7 +106,20 @@ def setup_logging(cfg: Config, foreground: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def is_stale_mount(path: str) -> bool:
+    """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def check_mountpoint(path: str) -> None:
+    if is_stale_mount(path):
+        # Left by a daemon that was killed; detaching it lets Restart=on-failure mount again.
+        log.warning("%s: detaching a stale mount (its daemon is gone)", path)
+        subprocess.run(["fusermount3", "-uz", path], check=False, capture_output=True)
     if not os.path.isdir(path):
         raise ConfigError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
@@ -109,9 +129,14 @@ def check_mountpoint(path: str) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     from .daemon import Daemon  # pyfuse3 is only needed when mounting
 
+    if args.mountpoint is None and args.container is not None:
+        args.container, args.mountpoint = None, args.container  # one positional: the mountpoint
     try:
         cfg, passthrough = load_config(args)
-        mountpoint = os.path.abspath(args.mountpoint)
+        if not (args.mountpoint or cfg.mountpoint):
+            raise ConfigError("no mountpoint: name one on the command line or set 'mountpoint' "
+                              "in the config file")
+        mountpoint = os.path.abspath(args.mountpoint or cfg.mountpoint)
         check_mountpoint(mountpoint)
         setup_logging(cfg, foreground=True)
         check_access(cfg)
@@ -138,6 +163,7 @@ def _daemonize(cfg: Config, mountpoint: str, passthrough: set[str]) -> int:
         return 1
     os.close(read_end)
     os.setsid()
+    os.chdir("/")  # do not keep the caller's directory busy
     setup_logging(cfg, foreground=False)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -151,16 +177,27 @@ def _daemonize(cfg: Config, mountpoint: str, passthrough: set[str]) -> int:
         code = Daemon(cfg, mountpoint, passthrough).run(on_ready=ready)
     except Exception as exc:  # noqa: BLE001 - reported to the waiting parent
         log.error("mount failed: %s", exc)
-        try:
+        with contextlib.suppress(OSError):
             os.write(write_end, str(exc).encode())
-        except OSError:
-            pass
         code = 1
     os._exit(code)
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
+    try:
+        mountpoint = args.mountpoint or (
+            str(config.read_yaml(args.config).get("mountpoint") or "") if args.config else "")
+    except ConfigError as exc:
+        print(f"azregfs: {exc}", file=sys.stderr)
+        return 2
+    if not mountpoint:
+        print("azregfs: no mountpoint: name one, or a --config that sets 'mountpoint'",
+              file=sys.stderr)
+        return 2
+    mountpoint = os.path.abspath(mountpoint)
+    if is_stale_mount(mountpoint):
+        result = subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+        return 0 if result.returncode == 0 else 1
     if not os.path.ismount(mountpoint):
         print(f"azregfs: {mountpoint} is not mounted", file=sys.stderr)
         return 1
@@ -175,8 +212,12 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while pid and time.monotonic() < deadline:  # the daemon commits, then exits
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as stat:
+                # A zombie has exited: its parent (e.g. a script that ran `mount -f &`)
+                # may be waiting for us before it reaps.
+                if stat.read().rsplit(") ", 1)[1].startswith("Z"):
+                    return 0
+        except (FileNotFoundError, IndexError):
             return 0
         time.sleep(0.1)
     return 0

@@ -60,6 +60,7 @@ class Config:
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
     dir_timeout: float = 1.0
+    dir_entry_timeout: float = 10.0  # a directory's own entry; its listing has dir_timeout
     revalidate_window: float = 1.0
     # Data path.
     block_size: int = 8 * MiB
@@ -68,10 +69,13 @@ class Config:
     cache_size: int = 256 * MiB
     cache_dir: str = ""
     cache_dir_size: int = 4096 * MiB
-    read_ahead: int = 8 * MiB
+    read_ahead: int = 32 * MiB  # refilled half a window per ranged GET (8 MiB at most)
+    kernel_read_ahead: int = 1 * MiB  # the mount's bdi read_ahead_kb (0: kernel default)
     max_concurrency: int = 16
     timeout: float = 30.0
+    retries: int = 3  # SDK retries per request; lower makes a dead endpoint fail fast (EIO)
     # Daemon.
+    mountpoint: str = ""  # where `azregfs mount` mounts when the command line names none
     log_level: str = "INFO"
     log_file: str = ""
 
@@ -88,7 +92,9 @@ class Config:
         if self.endpoint:
             return self.endpoint.rstrip("/")
         if not self.accountname:
-            raise ConfigError("no storage account: set accountname, endpoint or a connection string")
+            raise ConfigError(
+                "no storage account: set accountname, endpoint or a connection string"
+            )
         return f"https://{self.accountname}.blob.{self.realm}"
 
     def validate(self) -> None:
@@ -115,8 +121,13 @@ class Config:
 
     def load_key_file(self) -> None:
         if self.accountkey_file and not self.accountkey:
+            # e.g. ${CREDENTIALS_DIRECTORY}/accountkey under systemd's LoadCredential=
+            path = os.path.expandvars(self.accountkey_file)
+            if "$" in path:
+                raise ConfigError(f"accountkey_file {self.accountkey_file}: a variable in it "
+                                  "is not set (CREDENTIALS_DIRECTORY outside systemd?)")
             try:
-                with open(self.accountkey_file) as handle:
+                with open(path) as handle:
                     self.accountkey = handle.read().strip()
             except OSError as exc:
                 raise ConfigError(f"cannot read accountkey_file: {exc.strerror}") from None
@@ -136,7 +147,7 @@ _ALIASES = {
     "root": "rootdirectory",
 }
 _BYTES_FIELDS = {"block_size", "read_block_size", "dirty_budget", "cache_size",
-                 "cache_dir_size", "read_ahead"}
+                 "cache_dir_size", "read_ahead", "kernel_read_ahead"}
 
 
 def parse_size(text: str | int) -> int:
@@ -159,7 +170,20 @@ def _parse_bool(value: Any) -> bool:
     raise ConfigError(f"not a boolean: {value!r}")
 
 
+def _owner_id(name: str, value: str) -> int:
+    """uid/gid given as a user or group name (e.g. docker-registry, whose id varies)."""
+    import grp
+    import pwd
+
+    try:
+        return pwd.getpwnam(value).pw_uid if name == "uid" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ValueError(f"no {'user' if name == 'uid' else 'group'} named {value!r}") from None
+
+
 def _coerce(name: str, value: Any, current: Any) -> Any:
+    if name in ("uid", "gid") and isinstance(value, str) and not value.strip().isdigit():
+        return _owner_id(name, value.strip())
     if name in _BYTES_FIELDS:
         return parse_size(value)
     if name == "umask":

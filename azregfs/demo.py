@@ -9,6 +9,7 @@ the command returns; ``azregfs demo --stop`` ends both.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,10 +65,8 @@ def stop(mountpoint: str) -> int:
         subprocess.run([sys.executable, "-m", "azregfs", "unmount", mountpoint], check=False)
     pid_file = STATE / "azurite.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
         pid_file.unlink()
     print("demo stopped")
     return 0

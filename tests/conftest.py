@@ -4,6 +4,7 @@ through azregfs's own CLI in a subprocess (``--foreground``), always unmounted a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,10 +40,8 @@ def container(azurite: Azurite, container_name: str) -> Iterator[ContainerClient
     client = service.get_container_client(container_name)
     client.create_container()
     yield client
-    try:
+    with contextlib.suppress(Exception):  # Azurite may already be stopped by the test
         client.delete_container()
-    except Exception:  # noqa: BLE001 - Azurite may already be stopped by the test
-        pass
 
 
 @dataclass

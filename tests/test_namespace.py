@@ -1,0 +1,357 @@
+"""The namespace through a real mount: directory markers, names the tree cannot show, listing
+pages, inode lifetimes, attributes, ranged reads, errno values and the rootdirectory prefix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import (
+    ContainerClient,
+    ContainerSasPermissions,
+    generate_container_sas,
+)
+from conftest import Mount, blob_names
+
+from azregfs.azurite import DEV_ACCOUNT, DEV_KEY
+
+MiB = 1024 * 1024
+
+
+def create_blobs(container: ContainerClient, names: list[str], data: bytes = b"") -> None:
+    def upload(name: str) -> None:
+        container.upload_blob(name, data, overwrite=True)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(upload, names))
+
+
+def marker_metadata(container: ContainerClient, name: str) -> dict[str, str]:
+    return container.get_blob_client(name).get_blob_properties().metadata
+
+
+def drop_kernel_caches() -> None:
+    """Make the kernel forget cached dentries and inodes (it then sends FORGET)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# -- directory markers -------------------------------------------------------------------------
+
+
+def test_mkdir_writes_a_marker(mnt: Mount, container: ContainerClient) -> None:
+    os.mkdir(mnt.path / "empty")
+    assert blob_names(container) == ["empty"]
+    props = container.get_blob_client("empty").get_blob_properties()
+    assert props.size == 0
+    assert props.metadata.get("hdi_isfolder") == "true"
+    assert os.listdir(mnt.path) == ["empty"]
+    assert stat.S_ISDIR(os.stat(mnt.path / "empty").st_mode)
+    assert os.listdir(mnt.path / "empty") == []
+
+
+def test_marker_with_children_appears_once_and_never_as_a_file(
+        mount_factory, container: ContainerClient) -> None:
+    container.upload_blob("dir", b"", metadata={"hdi_isfolder": "true"})
+    container.upload_blob("dir/child", b"x")
+    container.upload_blob("dir/sub", b"", metadata={"hdi_isfolder": "true"})
+    container.upload_blob("lonely", b"", metadata={"hdi_isfolder": "true"})
+    mnt = mount_factory(container.container_name)
+    assert sorted(os.listdir(mnt.path)) == ["dir", "lonely"]
+    assert sorted(os.listdir(mnt.path / "dir")) == ["child", "sub"]
+    for path in ("dir", "dir/sub", "lonely"):
+        assert stat.S_ISDIR(os.stat(mnt.path / path).st_mode), path
+    assert stat.S_ISREG(os.stat(mnt.path / "dir/child").st_mode)
+    found = subprocess.run(["find", str(mnt.path), "-type", "f"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert found == [str(mnt.path / "dir/child")]
+
+
+def test_first_file_removes_the_marker(mnt: Mount, container: ContainerClient) -> None:
+    os.makedirs(mnt.path / "a" / "b")
+    assert blob_names(container) == ["a/b"]  # the parent's marker went with the child's
+    (mnt.path / "a" / "b" / "f").write_bytes(b"data")
+    assert blob_names(container) == ["a/b/f"]
+    assert (mnt.path / "a" / "b" / "f").read_bytes() == b"data"
+
+
+def test_removing_the_last_file_keeps_the_directory(mnt: Mount,
+                                                    container: ContainerClient) -> None:
+    os.mkdir(mnt.path / "d")
+    (mnt.path / "d" / "f1").write_bytes(b"1")
+    (mnt.path / "d" / "f2").write_bytes(b"2")
+    os.unlink(mnt.path / "d" / "f1")
+    assert blob_names(container) == ["d/f2"]
+    os.unlink(mnt.path / "d" / "f2")
+    assert blob_names(container) == ["d"]
+    assert marker_metadata(container, "d").get("hdi_isfolder") == "true"
+    assert os.listdir(mnt.path) == ["d"]
+    assert os.listdir(mnt.path / "d") == []
+
+
+def test_removing_the_last_file_of_an_implicit_directory(mount_factory,
+                                                         container: ContainerClient) -> None:
+    container.upload_blob("x/y/only", b"1")
+    mnt = mount_factory(container.container_name)
+    os.unlink(mnt.path / "x" / "y" / "only")
+    assert blob_names(container) == ["x/y"]
+    assert os.path.isdir(mnt.path / "x" / "y")
+
+
+def test_rmdir(mnt: Mount, container: ContainerClient) -> None:
+    os.mkdir(mnt.path / "full")
+    (mnt.path / "full" / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt.path / "full")
+    assert info.value.errno == errno.ENOTEMPTY
+    os.mkdir(mnt.path / "empty")
+    os.rmdir(mnt.path / "empty")
+    assert blob_names(container) == ["full/f"]
+    assert os.listdir(mnt.path) == ["full"]
+    os.unlink(mnt.path / "full" / "f")
+    os.rmdir(mnt.path / "full")
+    assert blob_names(container) == []
+    assert os.listdir(mnt.path) == []
+
+
+def test_rmdir_of_an_implicit_nonempty_directory(mount_factory,
+                                                 container: ContainerClient) -> None:
+    container.upload_blob("p/q/r", b"1")
+    mnt = mount_factory(container.container_name)
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt.path / "p")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert blob_names(container) == ["p/q/r"]
+
+
+# -- names the tree cannot show ----------------------------------------------------------------
+
+
+def test_unshowable_names_are_skipped_with_a_warning(mount_factory,
+                                                     container: ContainerClient) -> None:
+    for name in ("a//b", "t/", "good", "dir/ok"):
+        container.upload_blob(name, b"x")
+    mnt = mount_factory(container.container_name)
+    top = sorted(os.listdir(mnt.path))
+    assert "good" in top and "dir" in top
+    assert "" not in top
+    assert os.listdir(mnt.path / "dir") == ["ok"]
+    listed_a = os.listdir(mnt.path / "a") if os.path.isdir(mnt.path / "a") else []
+    assert "" not in listed_a and "b" not in listed_a
+    if os.path.isdir(mnt.path / "t"):
+        assert os.listdir(mnt.path / "t") == []
+    walked = subprocess.run(["find", str(mnt.path)], capture_output=True, text=True)
+    assert walked.returncode == 0, walked.stderr
+    log = mnt.log()
+    assert "'a//" in log, log[-2000:]  # the prefix hiding a//b
+    assert "'t/'" in log, log[-2000:]
+
+
+# -- listings and inodes -----------------------------------------------------------------------
+
+
+def test_a_directory_of_20000_blobs_lists_completely(mount_factory,
+                                                     container: ContainerClient) -> None:
+    names = [f"big/{index:05d}" for index in range(20000)]
+    create_blobs(container, names)
+    mnt = mount_factory(container.container_name)
+    listed = os.listdir(mnt.path / "big")
+    assert len(listed) == 20000
+    assert sorted(listed) == [name[4:] for name in names]
+    assert mnt.stats()["driver"]["requests"]["list"] >= 4  # pages of 5000
+
+
+def test_forgotten_inodes_are_dropped(mount_factory, container: ContainerClient) -> None:
+    names = [f"d{top}/s{sub}/blob{index}" for top in range(4) for sub in range(10)
+             for index in range(75)]
+    create_blobs(container, names, b"x")
+    mnt = mount_factory(container.container_name)
+    found = subprocess.run(["find", str(mnt.path)], capture_output=True, text=True, check=True)
+    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(names)
+    walked = mnt.stats()["inodes"]
+    assert walked >= len(names)
+    assert wait_for(lambda: (drop_kernel_caches(), mnt.stats()["inodes"] < 100)[1]), (
+        f"inodes after walk {walked}, after drop_caches {mnt.stats()['inodes']}")
+
+
+# -- attributes --------------------------------------------------------------------------------
+
+
+def test_attributes(mount_factory, container: ContainerClient) -> None:
+    container.upload_blob("plain", b"12345")
+    container.upload_blob("stamped", b"1", metadata={"mtime": "1000000000.5"})
+    container.upload_blob("dir/child", b"")
+    last_modified = container.get_blob_client("plain").get_blob_properties().last_modified
+    mnt = mount_factory(container.container_name)
+    plain = os.stat(mnt.path / "plain")
+    assert plain.st_size == 5
+    assert abs(plain.st_mtime - last_modified.timestamp()) < 1
+    assert stat.S_IMODE(plain.st_mode) == 0o644
+    assert os.stat(mnt.path / "stamped").st_mtime == pytest.approx(1000000000.5)
+    directory = os.stat(mnt.path / "dir")
+    assert stat.S_ISDIR(directory.st_mode) and stat.S_IMODE(directory.st_mode) == 0o755
+    assert stat.S_ISDIR(os.stat(mnt.path).st_mode)
+    assert plain.st_uid == os.getuid() and plain.st_gid == os.getgid()
+
+
+def test_uid_gid_umask_options(mount_factory, container: ContainerClient) -> None:
+    container.upload_blob("f", b"1")
+    container.upload_blob("d/f", b"1")
+    mnt = mount_factory(container.container_name, "-o", "uid=1234,gid=4321,umask=027")
+    for path, mode in (("f", 0o640), ("d", 0o750), ("d/f", 0o640)):
+        st = os.stat(mnt.path / path)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 4321, mode), path
+
+
+def test_statvfs_reports_plenty_of_room(mnt: Mount) -> None:
+    vfs = os.statvfs(mnt.path)
+    assert vfs.f_bavail * vfs.f_frsize > 1024 ** 4
+    assert vfs.f_namemax >= 255
+
+
+def test_utime_sets_the_mtime_metadata(mnt: Mount, container: ContainerClient) -> None:
+    (mnt.path / "f").write_bytes(b"x")
+    os.utime(mnt.path / "f", (1500000000, 1500000000))
+    assert os.stat(mnt.path / "f").st_mtime == 1500000000
+    assert float(marker_metadata(container, "f")["mtime"]) == 1500000000
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+def test_small_read_of_a_large_blob_fetches_about_a_block(mount_factory,
+                                                          container: ContainerClient) -> None:
+    size = 64 * MiB
+    pattern = bytes(range(256)) * 4096  # 1 MiB
+    container.upload_blob("big", pattern * (size // len(pattern)), max_concurrency=4)
+    mnt = mount_factory(container.container_name)
+    assert os.stat(mnt.path / "big").st_size == size
+    before = mnt.stats()["driver"]["bytes_down"]
+    offset = 40 * MiB + 12345
+    with open(mnt.path / "big", "rb", buffering=0) as handle:  # no 1 MiB (st_blksize) buffer
+        handle.seek(offset)
+        data = handle.read(4096)
+    after = mnt.stats()["driver"]["bytes_down"]
+    expected = (pattern * 2)[offset % len(pattern):offset % len(pattern) + 4096]
+    assert data == expected
+    assert 4096 <= after - before < 2 * MiB, f"{after - before} bytes fetched for 4 KiB"
+
+
+def test_append_blob_reads_back(mount_factory, container: ContainerClient) -> None:
+    blob = container.get_blob_client("appended")
+    blob.create_append_blob()
+    chunks = [bytes([index]) * (100_000 + index * 7) for index in range(6)]
+    for chunk in chunks:
+        blob.append_block(chunk)
+    mnt = mount_factory(container.container_name)
+    whole = b"".join(chunks)
+    assert os.stat(mnt.path / "appended").st_size == len(whole)
+    assert (mnt.path / "appended").read_bytes() == whole
+    with open(mnt.path / "appended", "rb") as handle:
+        handle.seek(250_000)
+        assert handle.read(1000) == whole[250_000:251_000]
+
+
+# -- errno -------------------------------------------------------------------------------------
+
+
+def expect_errno(code: int, call, *args) -> None:
+    with pytest.raises(OSError) as info:
+        call(*args)
+    assert info.value.errno == code, f"{call.__name__}{args}: {info.value}"
+
+
+def test_errno_values(mnt: Mount) -> None:
+    expect_errno(errno.ENOENT, os.stat, mnt.path / "missing")
+    expect_errno(errno.ENOENT, open, mnt.path / "missing/deeper", "rb")
+    os.mkdir(mnt.path / "d")
+    expect_errno(errno.EEXIST, os.mkdir, mnt.path / "d")
+    (mnt.path / "f").write_bytes(b"x")
+    expect_errno(errno.EEXIST, os.mkdir, mnt.path / "f")
+    expect_errno(errno.ENOTDIR, os.rmdir, mnt.path / "f")
+    expect_errno(errno.EISDIR, os.unlink, mnt.path / "d")
+    expect_errno(errno.ENOTDIR, os.listdir, mnt.path / "f")
+    (mnt.path / "d" / "g").write_bytes(b"x")
+    expect_errno(errno.ENOTEMPTY, os.rmdir, mnt.path / "d")
+
+
+def test_name_too_long(mnt: Mount, container: ContainerClient) -> None:
+    expect_errno(errno.ENAMETOOLONG, open, mnt.path / ("x" * 300), "wb")
+    deep = mnt.path
+    for level in range(5):  # a blob name of 5 * 200 + 4 = 1,004 characters
+        deep = deep / (chr(ord("a") + level) * 200)
+        os.mkdir(deep)
+    expect_errno(errno.ENAMETOOLONG, os.mkdir, deep / ("e" * 200))
+    expect_errno(errno.ENAMETOOLONG, open, deep / ("f" * 20), "wb")  # 1,025 characters
+    (deep / ("g" * 19)).write_bytes(b"fits")  # exactly 1,024
+    names = blob_names(container)
+    assert [len(name) for name in names] == [1024]
+
+
+def sas_mount_env(azurite, container: ContainerClient, permission: ContainerSasPermissions,
+                  ) -> dict[str, str]:
+    token = generate_container_sas(
+        DEV_ACCOUNT, container.container_name, account_key=DEV_KEY, permission=permission,
+        expiry=datetime.now(UTC).replace(microsecond=0).replace(year=2099),
+    )
+    return {"AZURE_STORAGE_CONNECTION_STRING":
+            f"BlobEndpoint={azurite.endpoint};SharedAccessSignature={token}"}
+
+
+def test_read_only_sas_gives_eacces(azurite, mount_factory,
+                                    container: ContainerClient) -> None:
+    container.upload_blob("existing", b"readable")
+    env = sas_mount_env(azurite, container, ContainerSasPermissions(read=True, list=True))
+    mnt = mount_factory(container.container_name, env=env)
+    assert os.listdir(mnt.path) == ["existing"]
+    assert (mnt.path / "existing").read_bytes() == b"readable"
+    with pytest.raises(OSError) as info, open(mnt.path / "new", "wb") as handle:
+        handle.write(b"refused")
+    assert info.value.errno == errno.EACCES
+    assert os.listdir(mnt.path) == ["existing"]  # the failed file is not left behind
+    expect_errno(errno.EACCES, os.mkdir, mnt.path / "d")
+    expect_errno(errno.EACCES, os.unlink, mnt.path / "existing")
+    assert blob_names(container) == ["existing"]
+
+
+# -- rootdirectory -----------------------------------------------------------------------------
+
+
+def test_rootdirectory_slash_shows_a_28_container(mount_factory,
+                                                  container: ContainerClient) -> None:
+    container.upload_blob("/docker/registry/v2/x", b"from 2.8")
+    container.upload_blob("elsewhere", b"not under /")
+    mnt = mount_factory(container.container_name, "--rootdirectory", "/")
+    assert os.listdir(mnt.path) == ["docker"]
+    assert (mnt.path / "docker/registry/v2/x").read_bytes() == b"from 2.8"
+    (mnt.path / "docker/registry/v2/y").write_bytes(b"new")
+    assert blob_names(container) == ["/docker/registry/v2/x", "/docker/registry/v2/y",
+                                     "elsewhere"]
+
+
+def test_rootdirectory_prefix(mount_factory, container: ContainerClient) -> None:
+    for name in ("reg/a", "reg/sub/b", "regular", "other/c"):
+        container.upload_blob(name, name.encode())
+    mnt = mount_factory(container.container_name, "-o", "rootdirectory=reg/")
+    assert sorted(os.listdir(mnt.path)) == ["a", "sub"]
+    assert (mnt.path / "sub" / "b").read_bytes() == b"reg/sub/b"
+    os.mkdir(mnt.path / "new")
+    assert "reg/new" in blob_names(container)
+    assert os.statvfs(mnt.path).f_bavail > 0
