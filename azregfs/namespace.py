@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 MAX_SEGMENTS = 254
+SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent's listing
 NAME_MAX = 255
 
 
@@ -117,6 +118,11 @@ class Namespace:
             maxsize=64, ttl=max(cfg.dir_timeout, 0.001)
         )
         self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
+        # Directories whose last listing fit in one small page: lookups there list them.
+        self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+        # Paths Azure just said are absent: the create() that the kernel sends right
+        # after its failed lookup need not ask again. Never used to answer a lookup.
+        self.absent: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=4096, ttl=1.0)
         self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
 
     # -- names -----------------------------------------------------------------------------
@@ -209,8 +215,8 @@ class Namespace:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = node.inode
         attr.generation = 0
-        attr.entry_timeout = self.cfg.entry_timeout
-        attr.attr_timeout = self.cfg.attr_timeout
+        attr.entry_timeout = self._entry_timeout(node)
+        attr.attr_timeout = self.cfg.dir_entry_timeout if node.is_dir else self.cfg.attr_timeout
         meta = node.metadata
         if node.is_dir:
             default = 0o777 & ~self.cfg.umask
@@ -231,6 +237,12 @@ class Namespace:
         attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
         return attr
 
+    def _entry_timeout(self, node: Node) -> float:
+        # A directory that another host removed is harmless to keep showing: its
+        # listing is fresh by dir_timeout, and a file created in it recreates it, as
+        # prefixes are implicit. So directories are revalidated far less often.
+        return self.cfg.dir_entry_timeout if node.is_dir else self.cfg.entry_timeout
+
     async def refresh(self, node: Node, max_age: float) -> None:
         """Re-read a file's attributes from Azure if older than max_age seconds."""
         if node.is_dir or node.writing or time.monotonic() - node.checked_at < max_age:
@@ -250,20 +262,39 @@ class Namespace:
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
 
-    async def resolve(self, path: str) -> Entry | None:
-        """What path is in the container (or locally pending), asking Azure if needed."""
+    async def resolve(self, path: str, just_looked_up: bool = False) -> Entry | None:
+        """What path is in the container (or locally pending), asking Azure if needed.
+
+        Positive answers may come from a cached listing (for dir_timeout); a negative one
+        is always Azure's, so a name another host just wrote is seen at once -- except by
+        the create() that follows our own failed lookup (``just_looked_up``)."""
         parent, _, name = path.rpartition("/")
         if name in self.pending.get(parent, ()):
             node = self.by_path.get(path)
             return Entry(False, None) if node is not None else None
         listing = self.listings.get(parent)
+        if listing is not None and name in listing:
+            return listing[name]
+        if just_looked_up and self.absent.pop(path, False):
+            return None
+        entry = await self._ask(path)
+        if entry is None:
+            self.absent[path] = True
+        return entry
+
+    async def _ask(self, path: str) -> Entry | None:
+        parent, _, name = path.rpartition("/")
+        if parent in self.small_dirs:
+            # One LIST answers this name and the next ones here: cheaper than HEAD + LIST.
+            listing = await self._list_if_small(parent)
+            if listing is not None:
+                return listing.get(name)
+        info = await self._head(path)
+        if info is not None:
+            return Entry(info.is_marker, info)
+        listing = await self._list_if_small(parent)
         if listing is not None:
             return listing.get(name)
-        info = await self._head(path)
-        if info is not None and not info.is_marker:
-            return Entry(False, info)
-        if info is not None:
-            return Entry(True, info)
         try:
             if await self.driver.has_children(self.dir_prefix(path)):
                 return Entry(True, None)
@@ -275,7 +306,7 @@ class Namespace:
         path = self.child_name(parent, raw)
         node = self.by_path.get(path)
         fresh = node is not None and (
-            node.writing or time.monotonic() - node.checked_at < self.cfg.entry_timeout
+            node.writing or time.monotonic() - node.checked_at < self._entry_timeout(node)
         )
         if not fresh:
             entry = await self.resolve(path)
@@ -300,31 +331,55 @@ class Namespace:
         return entries
 
     async def _list(self, path: str) -> dict[str, Entry]:
-        prefix = self.dir_prefix(path)
         entries: dict[str, Entry] = {}
         try:
-            async for blobs, prefixes in self.driver.list_level(prefix):
-                for sub in prefixes:
-                    name = sub[len(prefix):-1]
-                    if not name or name in (".", ".."):
-                        self._skip(sub, "empty or dot path segment")
-                        continue
-                    previous = entries.get(name)
-                    entries[name] = Entry(True, previous.info if previous else None)
-                for info in blobs:
-                    name = info.name[len(prefix):]
-                    if not name or name in (".", ".."):
-                        self._skip(info.name, "ends with '/' or has a dot segment")
-                        continue
-                    if info.is_marker:
-                        entries[name] = Entry(True, info)
-                    elif name in entries and entries[name].is_dir:
-                        self._skip(info.name, "a directory of the same name hides it")
-                    else:
-                        entries[name] = Entry(False, info)
+            async for blobs, prefixes in self.driver.list_level(self.dir_prefix(path)):
+                self._add_page(path, entries, blobs, prefixes)
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         return entries
+
+    async def _list_if_small(self, path: str) -> dict[str, Entry] | None:
+        """The directory's listing when one small page holds it (and cache it), else None.
+
+        A name that is not a blob costs a LIST anyway; listing its small parent instead
+        answers the next lookups there too (a registry creates files in fresh small
+        directories), while a huge directory is never listed just to miss one name."""
+        try:
+            page = await self.driver.list_level_small(self.dir_prefix(path), SMALL_LISTING)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        if page is None:
+            self.small_dirs.pop(path, None)
+            return None
+        entries: dict[str, Entry] = {}
+        self._add_page(path, entries, *page)
+        self.listings[path] = entries
+        self.small_dirs[path] = True
+        return entries
+
+    def _add_page(self, path: str, entries: dict[str, Entry], blobs: list[BlobInfo],
+                  prefixes: list[str]) -> None:
+        prefix = self.dir_prefix(path)
+        for sub in prefixes:
+            name = sub[len(prefix):-1]
+            if not name or name in (".", ".."):
+                self._skip(sub, "it and every blob under it have an empty or dot "
+                           "path segment")
+                continue
+            previous = entries.get(name)
+            entries[name] = Entry(True, previous.info if previous else None)
+        for info in blobs:
+            name = info.name[len(prefix):]
+            if not name or name in (".", ".."):
+                self._skip(info.name, "ends with '/' or has a dot segment")
+                continue
+            if info.is_marker:
+                entries[name] = Entry(True, info)
+            elif name in entries and entries[name].is_dir:
+                self._skip(info.name, "a directory of the same name hides it")
+            else:
+                entries[name] = Entry(False, info)
 
     # -- changes made through this mount ---------------------------------------------------
 
@@ -333,9 +388,22 @@ class Namespace:
         for path in dir_paths:
             self.listings.pop(path, None)
 
+    def note(self, path: str, entry: Entry | None) -> None:
+        """Our own change to one name: patch the parent's cached listing in place (its
+        lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
+        self.absent.pop(path, None)
+        parent, _, name = path.rpartition("/")
+        listing = self.listings.get(parent)
+        if listing is None:
+            return
+        if entry is None:
+            listing.pop(name, None)
+        else:
+            listing[name] = entry
+
     def add_pending(self, path: str) -> None:
         self.pending.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
-        self.changed(parent_of(path))
+        self.absent.pop(path, None)
 
     def clear_pending(self, path: str) -> None:
         parent, _, name = path.rpartition("/")
@@ -386,6 +454,7 @@ class Namespace:
             if node is None or not node.marker:
                 continue
             node.marker = False
+            self.note(ancestor, Entry(True, None))  # a cached listing must not revive it
             try:
                 await self.driver.delete(self.blob_name(ancestor))
             except StorageError as exc:
@@ -398,8 +467,8 @@ class Namespace:
         node = self.by_path.get(path)
         if node is not None and node.marker:
             return
-        if self.pending.get(path):
-            return
+        if self.pending.get(path) or self.listings.get(path):
+            return  # a cached listing with entries: our own removals are patched into it
         if await self.driver.has_children(self.dir_prefix(path)):
             return
         await self.driver.put(self.blob_name(path), b"", {MARKER_KEY: "true"})

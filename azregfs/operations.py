@@ -98,13 +98,14 @@ class Operations(pyfuse3.Operations):
 
     async def _committed(self, node: Node, info: BlobInfo) -> None:
         self.ns.clear_pending(node.path)
-        self.ns.changed(parent_of(node.path))
+        self.ns.note(node.path, Entry(False, info))
         await self.ns.drop_markers_above(node.path)
 
     # -- lookups and attributes ------------------------------------------------------------
 
     @_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: Any = None) -> pyfuse3.EntryAttributes:
         parent = self.ns.get(parent_inode)
         if name == b".":
             node = parent
@@ -118,6 +119,9 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         for inode, count in inode_list:
             self.ns.forget(inode, count)
+            if inode not in self.ns.nodes:
+                # The kernel dropped the inode and its pages: nothing left to keep.
+                self.seen_etag.pop(inode, None)
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -165,6 +169,8 @@ class Operations(pyfuse3.Operations):
             session.metadata.update(changes)
             session.metadata_changed = True
             node.metadata.update(changes)
+            if "mtime" in changes:
+                node.mtime = float(changes["mtime"])  # the reply's attributes show it
             return
         if node.is_dir and not node.marker:
             node.metadata.update(changes)  # an implicit directory has no blob to keep them
@@ -212,7 +218,7 @@ class Operations(pyfuse3.Operations):
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.ns.get(parent_inode)
         path = self.ns.child_name(parent, name)
-        existing = await self.ns.resolve(path)
+        existing = await self.ns.resolve(path, just_looked_up=True)
         if existing is not None and (existing.is_dir or flags & os.O_EXCL):
             raise FSError(errno.EEXIST if flags & os.O_EXCL else errno.EISDIR)
         node = self.ns.node_for(path, False)
@@ -220,6 +226,9 @@ class Operations(pyfuse3.Operations):
         base = None
         if existing is None:
             node.size, node.etag, node.metadata = 0, "", {}
+            if stat.S_IMODE(mode) != 0o666 & ~self.cfg.umask:
+                # e.g. tar creates 0600 files and never chmods them afterwards
+                node.metadata["mode"] = f"{stat.S_IMODE(mode):o}"
             self.ns.add_pending(path)
         else:
             self.ns.remember(path, existing)
@@ -268,6 +277,11 @@ class Operations(pyfuse3.Operations):
         handle.node.opens -= 1
         if handle.session is not None:
             await self.writes.close(handle.session)
+            path = handle.node.path
+            if self.writes.session(handle.node) is None and self.ns.is_pending(path):
+                # Its first commit failed and the data is discarded: the file never existed.
+                self.ns.forget_path(path)
+                self.ns.changed(parent_of(path))
         self.ns.maybe_drop(handle.node)
 
     # -- namespace changes -----------------------------------------------------------------
@@ -292,7 +306,7 @@ class Operations(pyfuse3.Operations):
         if not self.ns.is_pending(path):
             await self.driver.delete(self.ns.blob_name(path), missing_ok=False)
         self.ns.forget_path(path)
-        self.ns.changed(parent.path)
+        self.ns.note(path, None)
         await self.ns.keep_directory(parent.path)
 
     @_errors
@@ -300,13 +314,15 @@ class Operations(pyfuse3.Operations):
                     ctx: Any) -> pyfuse3.EntryAttributes:
         parent = self.ns.get(parent_inode)
         path = self.ns.child_name(parent, name)
-        if await self.ns.resolve(path) is not None:
+        if await self.ns.resolve(path, just_looked_up=True) is not None:
             raise FSError(errno.EEXIST)
-        await self.driver.put(self.ns.blob_name(path), b"", {MARKER_KEY: "true"})
+        marker = await self.driver.put(self.ns.blob_name(path), b"", {MARKER_KEY: "true"})
         node = self.ns.node_for(path, True)
         node.marker = True
         node.lookups += 1
-        self.ns.changed(parent.path)
+        self.ns.note(path, Entry(True, marker))
+        self.ns.listings[path] = {}  # new and empty: lookups inside need not ask Azure
+        self.ns.small_dirs[path] = True
         await self.ns.drop_markers_above(path)
         return self.ns.attributes(node)
 
@@ -319,7 +335,8 @@ class Operations(pyfuse3.Operations):
         await self._require_empty(path)
         await self.driver.delete(self.ns.blob_name(path))
         self.ns.forget_path(path)
-        self.ns.changed(parent.path, path)
+        self.ns.note(path, None)
+        self.ns.changed(path)
         await self.ns.keep_directory(parent.path)
 
     async def _require_empty(self, path: str) -> None:
@@ -352,22 +369,31 @@ class Operations(pyfuse3.Operations):
         else:
             if target is not None and target.is_dir:
                 raise FSError(errno.EISDIR)
-            await self._rename_file(old_path, new_path)
+            await self._rename_file(old_path, new_path, entry.info,
+                                    target.info if target is not None else None)
         node = self.ns.by_path.get(old_path)
         if node is not None:
             self.ns.move(node, new_path)
         else:
             self.ns.forget_path(new_path)
         self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
+        self.ns.absent.pop(new_path, None)
         await self.ns.drop_markers_above(new_path)
         await self.ns.keep_directory(old_parent.path)
 
-    async def _rename_file(self, old_path: str, new_path: str) -> None:
+    async def _rename_file(self, old_path: str, new_path: str, moved: BlobInfo | None = None,
+                           replaced: BlobInfo | None = None) -> None:
         source, target = self.ns.blob_name(old_path), self.ns.blob_name(new_path)
         node = self.ns.by_path.get(old_path)
         session = self.writes.session(node) if node else None
 
         async def move() -> BlobInfo:
+            current = session.base if session is not None else moved
+            if replaced is not None and (current is None
+                                         or current.blob_type != replaced.blob_type):
+                # Azure's Copy Blob refuses to overwrite a blob of another type (a v3
+                # registry's append-blob `link` replaced by a block-blob .tmp file).
+                await self.driver.delete(target)
             info = await self.driver.copy(source, target)
             await self.driver.delete(source)
             return info
@@ -375,10 +401,20 @@ class Operations(pyfuse3.Operations):
         if session is not None:
             await session.relocate(target, move)
             self.ns.clear_pending(old_path)
+            if session.base is not None:
+                self._follow(source, session.base)
         else:
             info = await move()
             if node is not None:
                 node.absorb(info)
+            self._follow(source, info)
+
+    def _follow(self, source: str, info: BlobInfo) -> None:
+        """A blob was copied to a new name: descriptors open on it read the copy (same
+        bytes, new ETag), as an open file survives a rename on a local filesystem."""
+        for handle in self.handles.values():
+            if handle.name == source:
+                handle.name, handle.etag, handle.size = info.name, info.etag, info.size
 
     async def _rename_dir(self, old_path: str, new_path: str) -> None:
         """Move every blob under the prefix (not atomic on a flat-namespace account)."""
@@ -395,8 +431,12 @@ class Operations(pyfuse3.Operations):
         for name in names:
             target = new_prefix + name[len(old_prefix):] if name != marker_name(marker) \
                 else self.ns.blob_name(new_path)
-            await self.driver.copy(name, target)
+            info = await self.driver.copy(name, target)
             await self.driver.delete(name)
+            known = self.ns.by_path.get(name[len(self.ns.prefix):])
+            if known is not None and not known.is_dir:
+                known.absorb(info)  # its old ETag would make every read ESTALE
+            self._follow(name, info)
         for session in self.writes.sessions.values():
             if session.name.startswith(old_prefix):
                 session.name = new_prefix + session.name[len(old_prefix):]
@@ -463,6 +503,7 @@ class Operations(pyfuse3.Operations):
             "driver": self.driver.stats.as_dict(),
             "cache": self.cache.stats.as_dict(),
             "cache_bytes": self.cache.blocks.currsize,
+            "cache_disk_bytes": self.cache.disk.used if self.cache.disk else 0,
             "inodes": self.ns.size,
             "open_handles": len(self.handles),
             "write_sessions": len(self.writes.sessions),

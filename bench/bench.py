@@ -79,6 +79,16 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def wait_visible(path: Path, timeout: float = 5.0) -> None:
+    """A blob written through the SDK shows on the mount within dir_timeout (1 s by
+    default: another client's change, by the consistency contract), not at once."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} not visible after {timeout} s")
+        time.sleep(0.05)
+
+
 def drop_caches() -> bool:
     os.sync()
     try:
@@ -355,6 +365,7 @@ def run_random(results: Results, container: ContainerClient, holder: Holder, siz
     data = payload(size, seed=2)
     container.get_blob_client("rand.bin").upload_blob(data, overwrite=True, max_concurrency=4)
     offsets = random_offsets(size, count, seed=3)
+    wait_visible(holder.mount.path / "rand.bin")
     drop_caches()
     fd = os.open(holder.mount.path / "rand.bin", os.O_RDONLY)
     wrong = 0
@@ -431,6 +442,7 @@ def run_rename(results: Results, container: ContainerClient, holder: Holder, siz
         source = "rename-src.bin"
         container.get_blob_client(source).upload_blob(payload(size, seed=4), overwrite=True,
                                                       max_concurrency=4)
+        wait_visible(holder.mount.path / source)
     os.makedirs(holder.mount.path / "moved", exist_ok=True)
     mount_time = timed(lambda: os.rename(holder.mount.path / source,
                                          holder.mount.path / "moved" / "renamed.bin"))

@@ -193,3 +193,16 @@ def test_disk_cache_serves_a_remount_and_never_an_old_version(container, mount_f
     b = mount_factory(name, *options, name="b3")
     assert read_file(b.path / "f") == new
     assert b.stats()["cache"]["disk_hits"] == 0
+
+
+def test_a_name_polled_while_absent_appears_once_another_client_writes_it(container, mnt):
+    """Polling a missing name must not keep it missing: the negative answer ages from
+    Azure's reply, not from each lookup that reuses it."""
+    (mnt.path / "sibling").write_bytes(b"1")  # a lookup miss here lists the root
+    assert not (mnt.path / "late.bin").exists()
+    container.upload_blob("late.bin", b"abc")
+    deadline = time.monotonic() + 10
+    while not (mnt.path / "late.bin").exists():
+        assert time.monotonic() < deadline, "never visible while polled every 50 ms"
+        time.sleep(0.05)
+    assert (mnt.path / "late.bin").read_bytes() == b"abc"
