@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .azurite import stop_process
+
 MiB = 1024 * 1024
 CHUNK = 1 * MiB
 
@@ -307,13 +309,7 @@ class Registry:
                               capture_output=True, text=True, timeout=600)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace=15)
 
     def __enter__(self) -> Registry:
         return self.start()
