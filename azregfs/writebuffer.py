@@ -581,18 +581,23 @@ class WriteSession:
             self.failed_commit = True
             raise
 
-    async def _commit_unguarded(self) -> None:
+    def _reported(self, doing: str, error: StorageError) -> FSError:
+        # EACCES tells the operator the credential is read-only; anything else is EIO.
+        code = errno.EACCES if error.errno == errno.EACCES else errno.EIO
+        return FSError(code, f"{doing} {self.name}: {error}")
+
+    def _raise_staging_error(self) -> None:
+        """A background stage failed since the last flush: report it once."""
         if self.error is not None:
             error, self.error = self.error, None
-            code = errno.EACCES if error.errno == errno.EACCES else errno.EIO
-            raise FSError(code, f"writing {self.name}: {error}")
+            raise self._reported("writing", error)
+
+    async def _commit_unguarded(self) -> None:
+        self._raise_staging_error()
         if self.deleted or not (self.changed or self.metadata_changed):
             return
         await self.idle.wait()
-        if self.error is not None:
-            error, self.error = self.error, None
-            code = errno.EACCES if error.errno == errno.EACCES else errno.EIO
-            raise FSError(code, f"writing {self.name}: {error}")
+        self._raise_staging_error()
         if not self.metadata_changed:
             self.metadata.pop("mtime", None)
         self.committing = True
@@ -607,9 +612,7 @@ class WriteSession:
             else:
                 info = await self._commit_blocks()
         except StorageError as exc:
-            # EACCES tells the operator the credential is read-only; anything else is EIO.
-            code = errno.EACCES if exc.errno == errno.EACCES else errno.EIO
-            raise FSError(code, f"committing {self.name}: {exc}") from None
+            raise self._reported("committing", exc) from None
         finally:
             self.committing = False
         self._committed(info)
