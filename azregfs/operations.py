@@ -422,15 +422,13 @@ class Operations(pyfuse3.Operations):
         for session in list(self.writes.sessions.values()):
             if session.name.startswith(old_prefix):
                 await session.commit()
-        names: list[str] = []
+        moves: list[tuple[str, str]] = []  # (source, target) blob names
         async for page in self.driver.list_all(old_prefix):
-            names += [info.name for info in page]
+            moves += [(info.name, new_prefix + info.name[len(old_prefix):]) for info in page]
         marker = await self.driver.head(self.ns.blob_name(old_path))
         if marker is not None and marker.is_marker:
-            names.append(marker.name)
-        for name in names:
-            target = new_prefix + name[len(old_prefix):] if name != marker_name(marker) \
-                else self.ns.blob_name(new_path)
+            moves.append((marker.name, self.ns.blob_name(new_path)))
+        for name, target in moves:
             info = await self.driver.copy(name, target)
             await self.driver.delete(name)
             known = self.ns.by_path.get(name[len(self.ns.prefix):])
@@ -511,6 +509,3 @@ class Operations(pyfuse3.Operations):
             "dirty_peak": self.writes.budget.peak,
         }
 
-
-def marker_name(info: BlobInfo | None) -> str | None:
-    return info.name if info is not None else None
