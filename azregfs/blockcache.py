@@ -336,9 +336,12 @@ class BlockCache:
                           " ".join(f"{k}={v}" for k, v in now.items()), self.blocks.currsize,
                           f" disk_bytes={self.disk.used}" if self.disk else "")
 
+    def _loading_or_loaded(self, key: Key) -> bool:
+        return key in self.blocks or key in self._inflight
+
     def _held(self, key: Key) -> bool:
         """Is the block in memory, on its way, or on disk (cheaper than a ranged GET)?"""
-        return key in self.blocks or key in self._inflight or self._on_disk(key)
+        return self._loading_or_loaded(key) or self._on_disk(key)
 
     def _on_disk(self, key: Key) -> bool:
         return self.disk is not None and self.disk.file_name(self.block_size, key) in self.disk
@@ -458,7 +461,7 @@ class BlockCache:
             joinable = False
             for index in range(first, first + count):
                 key = (name, etag, index)
-                if key in self.blocks or key in self._inflight:
+                if self._loading_or_loaded(key):
                     joinable = False
                     continue
                 on_disk = self._on_disk(key)
@@ -471,8 +474,7 @@ class BlockCache:
                 try:
                     if len(run) > 1:
                         await self._fetch_run(name, etag, blob_size, run)
-                    elif (key := (name, etag, run[0])) not in self.blocks \
-                            and key not in self._inflight:
+                    elif not self._loading_or_loaded(key := (name, etag, run[0])):
                         self.stats.prefetched += 1
                         await self._fetch(key, blob_size, for_reader=False)
                 except Exception as exc:  # noqa: BLE001 - the reader will retry and report
@@ -486,7 +488,7 @@ class BlockCache:
         (checked and claimed with no await in between, so one block never has two loads).
         """
         downloads = {key: _Download() for key in ((name, etag, index) for index in run)
-                     if key not in self.blocks and key not in self._inflight}
+                     if not self._loading_or_loaded(key)}
         if not downloads:
             return
         self._inflight.update(downloads)
@@ -513,7 +515,3 @@ class BlockCache:
             for key, download in downloads.items():
                 del self._inflight[key]
                 download.done.set()
-
-    def put(self, name: str, etag: str, index: int, data: bytes) -> None:
-        """Seed a block we already hold (e.g. just written) so it need not be read back."""
-        self.blocks[(name, etag, index)] = data
