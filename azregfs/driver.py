@@ -103,6 +103,18 @@ def _info(props: BlobProperties) -> BlobInfo:
     )
 
 
+def _split_level(page: Any) -> tuple[list[BlobInfo], list[str]]:
+    """One page of a delimited listing: the blobs at this level, and the sub-prefixes."""
+    blobs: list[BlobInfo] = []
+    prefixes: list[str] = []
+    for item in page:
+        if isinstance(item, BlobPrefix):
+            prefixes.append(item.name)
+        else:
+            blobs.append(_info(item))
+    return blobs, prefixes
+
+
 def describe(exc: BaseException) -> str:
     """One line, without headers or credentials."""
     if isinstance(exc, HttpResponseError):
@@ -340,11 +352,9 @@ class Driver:
                 results_per_page=limit,
             ).by_page()
             self.stats.count("list")
-            items = list(next(pages, []))
-            if pages.continuation_token:
-                return None
-            blobs = [_info(item) for item in items if not isinstance(item, BlobPrefix)]
-            return blobs, [item.name for item in items if isinstance(item, BlobPrefix)]
+            page = next(pages, [])
+            level = _split_level(page)
+            return None if pages.continuation_token else level
 
         return await self._run(f"LIST {prefix}", call)
 
@@ -362,14 +372,7 @@ class Driver:
             if page is None:
                 return None
             self.stats.count("list")
-            blobs: list[BlobInfo] = []
-            prefixes: list[str] = []
-            for item in page:
-                if isinstance(item, BlobPrefix):
-                    prefixes.append(item.name)
-                else:
-                    blobs.append(_info(item))
-            return blobs, prefixes
+            return _split_level(page)
 
         while True:
             page = await self._run(f"LIST {prefix}", next_page)
