@@ -1,4 +1,4 @@
-"""The command line: ``azregfs mount``, ``azregfs unmount`` and ``azregfs demo``.
+"""The command line: ``azregfs mount``, ``unmount``, ``stats``, ``check`` and ``demo``.
 
 ``mount`` proves the account and container work before anything is mounted, then either
 serves in the foreground or forks a daemon and returns once the mount is live (exit 0) or
@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from . import config
 from .config import Config, ConfigError
 from .driver import StorageError, check_access
+from .logs import setup_logging
 
 log = logging.getLogger("azregfs")
 
@@ -44,16 +44,32 @@ def _mount_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", dest="cache_dir")
     p.add_argument("--log-level", dest="log_level")
     p.add_argument("--log-file", dest="log_file")
+    p.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    p.add_argument("--metrics-addr", dest="metrics_addr",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="azregfs", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of azregfs and what it runs on")
+    sub = parser.add_subparsers(dest="command")
     _mount_parser(sub)
     u = sub.add_parser("unmount", help="flush and unmount")
     u.add_argument("mountpoint", nargs="?")
     u.add_argument("--config", "-c", help="take the mountpoint from this YAML file")
     u.add_argument("--timeout", type=float, default=60.0)
+    st = sub.add_parser("stats", help="show what a mount is doing (its counters)")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--watch", type=float, metavar="SECONDS",
+                    help="every SECONDS, show the rates of the last interval")
+    st.add_argument("--count", type=int, help="with --watch: stop after COUNT intervals")
+    ck = sub.add_parser("check", help="health check: exit 0 OK, 1 WARNING, 2 CRITICAL")
+    ck.add_argument("mountpoint")
+    ck.add_argument("--timeout", type=float, default=30.0)
+    ck.add_argument("--no-probe", dest="probe", action="store_false",
+                    help="judge by the last request instead of making one now")
     d = sub.add_parser("demo", help="mount a demo container (a local Azurite without account)")
     d.add_argument("--mountpoint", default="mnt")
     d.add_argument("--registry", action="store_true",
@@ -76,34 +92,13 @@ def load_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
         "gid": args.gid, "umask": args.umask, "allow_other": args.allow_other,
         "create_container": args.create_container, "cache_dir": args.cache_dir,
         "log_level": args.log_level, "log_file": args.log_file,
+        "log_format": args.log_format, "metrics_addr": args.metrics_addr,
     }
     cfg = config.build(config_file, os.environ, mount_options, flags)
     # The daemon runs in '/': relative paths are the caller's.
     cfg.log_file = os.path.abspath(cfg.log_file) if cfg.log_file else ""
     cfg.cache_dir = os.path.abspath(cfg.cache_dir) if cfg.cache_dir else ""
     return cfg, passthrough
-
-
-def setup_logging(cfg: Config, foreground: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(cfg.log_level.upper())
-    if cfg.log_file:
-        handler: logging.Handler = logging.FileHandler(cfg.log_file)
-        os.chmod(cfg.log_file, 0o640)
-    elif foreground:
-        handler = logging.StreamHandler(sys.stderr)
-    elif os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler("/dev/log")
-        handler.setFormatter(logging.Formatter("azregfs[%(process)d]: %(levelname)s %(message)s"))
-        root.addHandler(handler)
-        return
-    else:
-        handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    for noisy in ("azure", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def is_stale_mount(path: str) -> bool:
@@ -224,7 +219,23 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .version import version_line
+
+        print(version_line())
+        return 0
+    if args.command is None:
+        parser.error("a command is required")
+    if args.command in ("stats", "check"):
+        from . import monitor
+
+        if args.command == "stats":
+            return monitor.show_stats(args.mountpoint, args.json, args.watch, args.count)
+        status, line = monitor.check(args.mountpoint, args.timeout, args.probe)
+        print(line)
+        return status
     if args.command == "mount":
         return cmd_mount(args)
     if args.command == "unmount":

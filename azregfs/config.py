@@ -78,6 +78,8 @@ class Config:
     mountpoint: str = ""  # where `azregfs mount` mounts when the command line names none
     log_level: str = "INFO"
     log_file: str = ""
+    log_format: str = "text"  # text | json (one object per line)
+    metrics_addr: str = ""  # host:port of the Prometheus endpoint (/metrics); "" = off
 
     @property
     def prefix(self) -> str:
@@ -118,6 +120,10 @@ class Config:
             raise ConfigError("block_size must be between 64 KiB and 4000 MiB")
         if self.dirty_budget < 2 * self.block_size:
             raise ConfigError("dirty_budget must be at least twice block_size")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.metrics_addr:
+            parse_address(self.metrics_addr)
 
     def load_key_file(self) -> None:
         if self.accountkey_file and not self.accountkey:
@@ -134,6 +140,14 @@ class Config:
 
 
 # -- parsing -------------------------------------------------------------------------------
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or ':port' (all interfaces) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"not an address: {text!r} (example: 127.0.0.1:9469)")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB, "t": 1024 * 1024 * MiB}

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import pyfuse3
 import trio
@@ -21,8 +22,11 @@ import trio
 from .blockcache import BlockCache, DiskTier
 from .config import Config
 from .driver import Driver
+from .metrics import Metrics
+from .metrics import start_server as start_metrics_server
 from .namespace import Namespace
 from .operations import Operations
+from .version import version_line
 from .writebuffer import WriteBuffer
 
 log = logging.getLogger(__name__)
@@ -92,7 +96,8 @@ class Daemon:
     def __init__(self, cfg: Config, mountpoint: str, extra_options: set[str] | None = None) -> None:
         self.cfg = cfg
         self.mountpoint = mountpoint
-        self.driver = Driver(cfg)
+        self.metrics = Metrics(cfg.container)
+        self.driver = Driver(cfg, self.metrics)
         self.namespace = Namespace(cfg, self.driver)
         self.disk_cache = open_disk_cache(cfg, self.driver)
         self.cache = BlockCache(self.driver, cfg.read_block_size, cfg.cache_size, cfg.read_ahead,
@@ -105,6 +110,8 @@ class Daemon:
 
     def run(self, on_ready: Callable[[], None]) -> int:
         tune_malloc()
+        log.info("%s", version_line())
+        metrics_server = self._serve_metrics()
         pyfuse3.init(self.operations, self.mountpoint, self.options)
         try:
             log.info("mounted container %s at %s", self.cfg.container, self.mountpoint)
@@ -113,11 +120,25 @@ class Daemon:
             trio.run(self._serve)
         finally:
             pyfuse3.close(unmount=self.signalled)
+            if metrics_server is not None:
+                metrics_server.shutdown()
             self.driver.close()
             if self.disk_cache is not None:
                 self.disk_cache.close()
         log.info("unmounted %s", self.mountpoint)
         return 1 if self.failed_commits else 0
+
+    def _serve_metrics(self) -> Any:
+        """The Prometheus endpoint, if asked for. One that cannot listen costs the
+        operator's graphs, not the mount: logged as an ERROR, and the mount goes on."""
+        if not self.cfg.metrics_addr:
+            return None
+        try:
+            return start_metrics_server(self.metrics, self.cfg.metrics_addr)
+        except OSError as exc:
+            log.error("metrics_addr %s: cannot listen (%s); no /metrics for this mount",
+                      self.cfg.metrics_addr, exc.strerror or exc)
+            return None
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:

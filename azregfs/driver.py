@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -45,6 +43,7 @@ from azure.storage.blob import (
 )
 
 from .config import Config
+from .metrics import Metrics, RequestMeter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,7 +121,11 @@ def describe(exc: BaseException) -> str:
         code = getattr(code, "value", code)
         status = getattr(exc, "status_code", None) or ""
         reason = getattr(exc, "reason", None) or ""
-        return f"HTTP {status} {code or reason}".strip()
+        response = getattr(exc, "response", None)
+        request_id = response.headers.get("x-ms-request-id") if response is not None else None
+        # The request ID finds the request in Azure's own logs (and in a support case).
+        return f"HTTP {status} {code or reason}".strip() + (
+            f", request-id {request_id}" if request_id else "")
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
 
@@ -156,28 +159,8 @@ def map_error(exc: BaseException, what: str) -> StorageError:
     return StorageError(errno.EIO, f"{what}: {type(exc).__name__}: {describe(exc)}")
 
 
-@dataclass
-class Stats:
-    """Counters readable by tests and the benchmark (bytes really sent and received)."""
-
-    bytes_up: int = 0
-    bytes_down: int = 0
-    requests: Counter = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def count(self, op: str, up: int = 0, down: int = 0) -> None:
-        with self.lock:
-            self.requests[op] += 1
-            self.bytes_up += up
-            self.bytes_down += down
-
-    def as_dict(self) -> dict[str, Any]:
-        with self.lock:
-            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
-                    "requests": dict(self.requests)}
-
-
-def _make_container_client(cfg: Config, *, retries: int, timeout: float) -> ContainerClient:
+def _make_container_client(cfg: Config, *, retries: int, timeout: float,
+                           metrics: Metrics | None = None) -> ContainerClient:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(
         pool_connections=4, pool_maxsize=cfg.max_concurrency + 4
@@ -195,6 +178,11 @@ def _make_container_client(cfg: Config, *, retries: int, timeout: float) -> Cont
         "max_single_put_size": 64 * 1024 * 1024,
         "max_single_get_size": 64 * 1024 * 1024,
     }
+    if metrics is not None:
+        # After the retry policy, so it sees every attempt. The SDK has no public knob for
+        # a per-attempt policy that also sees failed connections (raw_response_hook does
+        # not), hence this long-standing keyword.
+        common["_additional_pipeline_policies"] = [RequestMeter(metrics)]
     if cfg.connection_string and not cfg.endpoint:
         return ContainerClient.from_connection_string(
             cfg.connection_string, cfg.container, **common
@@ -299,11 +287,13 @@ def check_access(cfg: Config) -> None:
 class Driver:
     """Async facade over one container. All names are full blob names."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
-        self.container = _make_container_client(cfg, retries=cfg.retries, timeout=cfg.timeout)
+        # Every request is counted by the pipeline (RequestMeter), once per attempt.
+        self.metrics = metrics or Metrics(cfg.container)
+        self.container = _make_container_client(cfg, retries=cfg.retries, timeout=cfg.timeout,
+                                                metrics=self.metrics)
         self.limiter = trio.CapacityLimiter(cfg.max_concurrency)
-        self.stats = Stats()
 
     def close(self) -> None:
         self.container.close()
@@ -323,7 +313,6 @@ class Driver:
 
     async def head(self, name: str) -> BlobInfo | None:
         def call() -> BlobInfo | None:
-            self.stats.count("head")
             try:
                 return _info(self._blob(name).get_blob_properties())
             except ResourceNotFoundError:
@@ -335,7 +324,6 @@ class Driver:
         """True if any blob name starts with prefix (which ends in '/')."""
 
         def call() -> bool:
-            self.stats.count("list")
             pages = self.container.list_blobs(name_starts_with=prefix, results_per_page=1).by_page()
             return any(True for _ in next(pages, []))
 
@@ -351,7 +339,6 @@ class Driver:
                 name_starts_with=prefix or None, include=["metadata"], delimiter="/",
                 results_per_page=limit,
             ).by_page()
-            self.stats.count("list")
             page = next(pages, [])
             level = _split_level(page)
             return None if pages.continuation_token else level
@@ -371,7 +358,6 @@ class Driver:
             page = next(pages, None)  # after the last page the pager ends without a request
             if page is None:
                 return None
-            self.stats.count("list")
             return _split_level(page)
 
         while True:
@@ -390,7 +376,6 @@ class Driver:
             page = next(pages, None)
             if page is None:
                 return None
-            self.stats.count("list")
             return [_info(item) for item in page]
 
         while True:
@@ -401,7 +386,6 @@ class Driver:
 
     async def set_metadata(self, name: str, metadata: dict[str, str]) -> str:
         def call() -> str:
-            self.stats.count("set_metadata")
             return self._blob(name).set_blob_metadata(metadata)["etag"]
 
         return await self._run(f"set metadata of {name}", call)
@@ -420,7 +404,6 @@ class Driver:
             data = self._blob(name).download_blob(
                 offset=offset, length=length, max_concurrency=1, **kwargs
             ).readall()
-            self.stats.count("read", down=len(data))
             return data
 
         return await self._run(f"read {name} [{offset}+{length}]", call)
@@ -429,7 +412,6 @@ class Driver:
         """The committed blocks, or None when their IDs are not text we can send back."""
 
         def call() -> list[CommittedBlock] | None:
-            self.stats.count("get_block_list")
             try:
                 committed, _ = self._blob(name).get_block_list("committed")
             except UnicodeDecodeError:
@@ -441,7 +423,6 @@ class Driver:
     async def stage_block(self, name: str, block_id: str, data: bytes) -> None:
         def call() -> None:
             self._blob(name).stage_block(block_id, data, length=len(data))
-            self.stats.count("stage_block", up=len(data))
 
         await self._run(f"stage block of {name}", call)
 
@@ -458,7 +439,6 @@ class Driver:
                 [BlobBlock(block_id) for block_id in block_ids], metadata=metadata,
                 content_settings=ContentSettings(content_type=content_type), **kwargs,
             )
-            self.stats.count("commit_block_list")
             return _info(blob.get_blob_properties())
 
         return await self._run(f"commit {name}", call)
@@ -475,7 +455,6 @@ class Driver:
                 data, overwrite=not exclusive, metadata=metadata, max_concurrency=1,
                 content_settings=settings, length=len(data),
             )
-            self.stats.count("put", up=len(data))
             # The response has what a HEAD would tell: no second request per small file.
             modified = result.get("last_modified")
             return BlobInfo(name, len(data), result.get("etag") or "",
@@ -491,14 +470,12 @@ class Driver:
             result = self._blob(name).append_block(
                 data, length=len(data), appendpos_condition=position
             )
-            self.stats.count("append_block", up=len(data))
             return result["etag"]
 
         return await self._run(f"append to {name}", call)
 
     async def delete(self, name: str, missing_ok: bool = True) -> None:
         def call() -> None:
-            self.stats.count("delete")
             try:
                 self._blob(name).delete_blob()
             except ResourceNotFoundError:
@@ -512,7 +489,6 @@ class Driver:
         source_url = self._blob(source).url
 
         def start() -> Any:
-            self.stats.count("copy")
             return self._blob(target).start_copy_from_url(source_url)
 
         await self._run(f"copy {source} to {target}", start)
@@ -533,5 +509,7 @@ class Driver:
             await trio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def ensure_container(self) -> None:
-        await self._run("container", self.container.get_container_properties)
+    async def probe(self) -> None:
+        """One cheap request that proves the container answers (azregfs check)."""
+        await self._run(f"container {self.cfg.container}",
+                        lambda: _probe_container(self.container))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ import pyfuse3
 from .blockcache import BlockCache, ReadStream
 from .config import Config
 from .driver import MARKER_KEY, BlobInfo, StorageError
+from .metrics import fuse_operation
 from .namespace import ROOT_INODE, Entry, FSError, Namespace, Node, join, parent_of
 from .writebuffer import WriteBuffer, WriteSession
 
@@ -30,30 +32,44 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 STATS_XATTR = b"user.azregfs.stats"
 PID_XATTR = b"user.azregfs.pid"
+PROBE_XATTR = b"user.azregfs.probe"
 QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.EISDIR,
          errno.ENOTDIR, errno.EINVAL}
 
 
 def _errors(handler: F) -> F:
+    """Map exceptions to errnos, and count and time the request (metrics)."""
+    op = handler.__name__
+
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
+        token = fuse_operation.set(op)  # names this request in the Azure request log
+        started = time.monotonic()
+        error: int | None = None
         try:
-            return await handler(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            error = exc.errno
             raise
         except FSError as exc:
+            error = exc.errno
             if exc.message and exc.errno not in QUIET:
-                log.error("%s: %s", handler.__name__, exc.message)
+                log.error("%s: %s", op, exc.message)
             elif exc.message:
-                log.debug("%s: %s", handler.__name__, exc.message)
+                log.debug("%s: %s", op, exc.message)
             raise pyfuse3.FUSEError(exc.errno) from None
         except StorageError as exc:
+            error = exc.errno
             if exc.errno not in QUIET:
-                log.error("%s: %s", handler.__name__, exc)
+                log.error("%s: %s", op, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
-            log.exception("%s failed unexpectedly", handler.__name__)
+            error = errno.EIO
+            log.exception("%s failed unexpectedly", op)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            fuse_operation.reset(token)
+            self.metrics.fuse_done(op, time.monotonic() - started, error)
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,6 +107,8 @@ class Operations(pyfuse3.Operations):
         self.next_fh = 1
         self.seen_etag: dict[int, str] = {}  # inode -> ETag of its last open (keep_cache)
         writes.on_commit = self._committed
+        self.metrics = namespace.driver.metrics
+        self.metrics.bind(self._live_numbers)
 
     def _fh(self) -> int:
         self.next_fh += 1
@@ -116,6 +134,7 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         return self.ns.attributes(node)
 
+    @_errors
     async def forget(self, inode_list: Any) -> None:
         for inode, count in inode_list:
             self.ns.forget(inode, count)
@@ -466,11 +485,13 @@ class Operations(pyfuse3.Operations):
                 return
             node.lookups += 1
 
+    @_errors
     async def releasedir(self, fh: int) -> None:
         handle = self.dir_handles.pop(fh)
         handle.node.opens -= 1
         self.ns.maybe_drop(handle.node)
 
+    @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None  # namespace changes reach Azure before their request returns
 
@@ -491,21 +512,37 @@ class Operations(pyfuse3.Operations):
             return json.dumps(self.stats()).encode()
         if inode == ROOT_INODE and name == PID_XATTR:
             return str(os.getpid()).encode()
+        if inode == ROOT_INODE and name == PROBE_XATTR:
+            # azregfs check: the outcome lands in the metrics' last request; the error
+            # is the caller's to see there, not a failed getxattr.
+            try:
+                await self.driver.probe()
+                return b'{"ok": true}'
+            except StorageError as exc:
+                return json.dumps({"ok": False, "error": str(exc)}).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
+    @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []
 
     def stats(self) -> dict[str, Any]:
+        return self.metrics.snapshot()
+
+    def _live_numbers(self) -> dict[str, Any]:
+        """The numbers the parts keep themselves, read when stats or metrics are asked for."""
+        budget = self.writes.budget
         return {
-            "driver": self.driver.stats.as_dict(),
             "cache": self.cache.stats.as_dict(),
             "cache_bytes": self.cache.blocks.currsize,
             "cache_disk_bytes": self.cache.disk.used if self.cache.disk else 0,
             "inodes": self.ns.size,
             "open_handles": len(self.handles),
             "write_sessions": len(self.writes.sessions),
-            "dirty_bytes": self.writes.budget.used,
-            "dirty_peak": self.writes.budget.peak,
+            "dirty_bytes": budget.used,
+            "dirty_peak": budget.peak,
+            "dirty_budget": budget.limit,
+            "writer_wait_seconds": round(budget.waited_seconds, 6),
+            "commits": self.writes.commits,
+            "commit_failures": self.writes.commit_failures,
         }
-

@@ -100,13 +100,20 @@ class DirtyBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.waited_seconds = 0.0  # writers' time spent in wait_for_room (back-pressure)
         self._spill = spill
         self._freed = trio.Event()
 
     async def wait_for_room(self, amount: int) -> None:
-        while self.used and self.used + amount > self.limit:
-            self._spill()
-            await self._freed.wait()
+        if not (self.used and self.used + amount > self.limit):
+            return
+        started = time.monotonic()
+        try:
+            while self.used and self.used + amount > self.limit:
+                self._spill()
+                await self._freed.wait()
+        finally:
+            self.waited_seconds += time.monotonic() - started
 
     def adjust(self, delta: int) -> None:
         self.used += delta
@@ -127,6 +134,8 @@ class WriteBuffer:
         self.budget = DirtyBudget(budget, self.spill_all)
         self.upload_limiter = trio.CapacityLimiter(upload_concurrency)
         self.sessions: dict[int, WriteSession] = {}  # inode -> session
+        self.commits = 0  # files committed, and commits that failed (since the mount)
+        self.commit_failures = 0
         self.nursery: trio.Nursery | None = None
         # Called after each commit with (node, info); the namespace hooks markers in here.
         self.on_commit: Callable[[Node, BlobInfo], Awaitable[None]] | None = None
@@ -579,6 +588,7 @@ class WriteSession:
             await self._commit_unguarded()
         except FSError:
             self.failed_commit = True
+            self.buffer.commit_failures += 1
             raise
 
     def _reported(self, doing: str, error: StorageError) -> FSError:
@@ -616,6 +626,7 @@ class WriteSession:
         finally:
             self.committing = False
         self._committed(info)
+        self.buffer.commits += 1
         if self.buffer.on_commit is not None:
             await self.buffer.on_commit(self.node, info)
 
