@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -190,7 +191,7 @@ def show_stats(mountpoint: str, as_json: bool, watch: float | None,
             stats, taken = current, now
             shown += 1
     except NoAnswer as exc:
-        console.print(f"azregfs: {exc}", style="bold red", highlight=False)
+        print(f"azregfs: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
