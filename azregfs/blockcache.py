@@ -65,8 +65,11 @@ class ReadStream:
 
 @dataclass
 class CacheStats:
-    hits: int = 0
-    misses: int = 0
+    hits: int = 0  # reader block reads served without Azure (memory or disk)
+    misses: int = 0  # reader block reads that went to Azure
+    memory_hits: int = 0  # reader block reads served from memory
+    memory_misses: int = 0  # reader block reads memory could not serve (disk or Azure)
+    disk_misses: int = 0  # blocks the disk tier did not hold, fetched from Azure
     bytes_from_azure: int = 0
     evictions: int = 0
     prefetched: int = 0
@@ -371,6 +374,7 @@ class BlockCache:
     async def _direct(self, name: str, etag: str, blob_size: int, offset: int, end: int) -> bytes:
         """A random read: just the aligned range, not cached (a ranged GET, as the SDK)."""
         self.stats.misses += 1
+        self.stats.memory_misses += 1
         start = offset - offset % RANDOM_ALIGN
         stop = min(blob_size, -(-end // RANDOM_ALIGN) * RANDOM_ALIGN)
         data = await self.driver.read(name, start, stop - start, etag)
@@ -382,7 +386,9 @@ class BlockCache:
         data = self.blocks.get(key)
         if data is not None:
             self.stats.hits += 1
+            self.stats.memory_hits += 1
             return data
+        self.stats.memory_misses += 1
         download = self._inflight.get(key)
         if download is None:
             return await self._fetch(key, blob_size, for_reader=True)
@@ -404,6 +410,7 @@ class BlockCache:
                 self.stats.hits += 1
             if data is None:
                 self.stats.misses += for_reader
+                self.stats.disk_misses += self.disk is not None
                 data = await self.driver.read(name, start, length, etag)
                 self.stats.bytes_from_azure += len(data)
                 self._to_disk(key, data)

@@ -254,10 +254,14 @@ class Metrics:
 # The live numbers: snapshot key -> (metric name, type, help). Nested dicts ("cache") are
 # flattened as "cache.hits". Counters are monotonic counts kept by their owners.
 _LIVE: dict[str, tuple[str, str, str, dict[str, str]]] = {
-    "cache.hits": ("azregfs_cache_hits", "counter", "Block reads served by the cache", {}),
-    "cache.misses": ("azregfs_cache_misses", "counter", "Block reads that went to Azure", {}),
+    "cache.memory_hits": ("azregfs_cache_hits", "counter", "Block reads a cache tier served: "
+                          "memory counts readers, disk also counts read-ahead", {}),
+    "cache.memory_misses": ("azregfs_cache_misses", "counter", "Block reads a cache tier "
+                            "could not serve (memory: went to disk or Azure; disk: to Azure)",
+                            {}),
     "cache.evictions": ("azregfs_cache_evictions", "counter", "Blocks evicted", {}),
     "cache.disk_hits": ("azregfs_cache_hits", "counter", "", {"tier": "disk"}),
+    "cache.disk_misses": ("azregfs_cache_misses", "counter", "", {"tier": "disk"}),
     "cache.disk_evictions": ("azregfs_cache_evictions", "counter", "", {"tier": "disk"}),
     "cache.disk_writes": ("azregfs_cache_disk_writes", "counter",
                           "Blocks written to the disk cache", {}),
@@ -282,7 +286,8 @@ _LIVE: dict[str, tuple[str, str, str, dict[str, str]]] = {
                        "Files open for writing (write sessions)", {}),
     "inodes": ("azregfs_inodes", "gauge", "Inodes the kernel holds references to", {}),
 }
-_TIERED = {"azregfs_cache_hits", "azregfs_cache_evictions", "azregfs_cache_bytes"}
+_TIERED = {"azregfs_cache_hits", "azregfs_cache_misses", "azregfs_cache_evictions",
+           "azregfs_cache_bytes"}
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:

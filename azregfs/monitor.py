@@ -11,6 +11,7 @@ blocks the reading thread, never this process: reads time out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -167,6 +168,7 @@ def show_stats(mountpoint: str, as_json: bool, watch: float | None,
                count: int | None = None) -> int:
     """Print totals once, or with `watch` the rates of every interval (`count` times)."""
     from rich.console import Console
+    from rich.live import Live
 
     console = Console()
     try:
@@ -177,19 +179,26 @@ def show_stats(mountpoint: str, as_json: bool, watch: float | None,
             else:
                 console.print(totals_table(stats))
             return 0
-        shown = 0
-        taken = time.monotonic()
-        while count is None or shown < count:
-            time.sleep(watch)
-            current, now = snapshot(mountpoint), time.monotonic()
-            figures = rates(stats, current, now - taken)
-            if as_json:
-                print(json.dumps({"interval_seconds": round(now - taken, 3), **figures},
-                                 sort_keys=True), flush=True)
-            else:
-                console.print(rates_table(mountpoint, figures, round(now - taken, 1)))
-            stats, taken = current, now
-            shown += 1
+        # On a terminal the table is redrawn in place; into a pipe or file, one per interval.
+        live = Live(console=console, auto_refresh=False) if console.is_terminal and \
+            not as_json else None
+        with live or contextlib.nullcontext():
+            shown = 0
+            taken = time.monotonic()
+            while count is None or shown < count:
+                time.sleep(watch)
+                current, now = snapshot(mountpoint), time.monotonic()
+                figures = rates(stats, current, now - taken)
+                if as_json:
+                    print(json.dumps({"interval_seconds": round(now - taken, 3), **figures},
+                                     sort_keys=True), flush=True)
+                elif live is not None:
+                    live.update(rates_table(mountpoint, figures, round(now - taken, 1)),
+                                refresh=True)
+                else:
+                    console.print(rates_table(mountpoint, figures, round(now - taken, 1)))
+                stats, taken = current, now
+                shown += 1
     except NoAnswer as exc:
         print(f"azregfs: {exc}", file=sys.stderr)
         return 1

@@ -73,7 +73,7 @@ def test_concurrent_readers_of_one_block_share_one_get(azurite, container):
         trio.run(main)
     finally:
         driver.close()
-    assert driver.stats.requests["read"] == 1
+    assert driver.metrics.requests["read"] == 1
     assert sorted(results) == sorted(data[BLOCK + n * 4096:BLOCK + (n + 1) * 4096]
                                      for n in range(16))
     assert cache.stats.misses == 1 and cache.stats.hits == 0  # 15 waited on the one GET
@@ -122,7 +122,7 @@ def test_disk_tier_files_are_private_atomic_and_survive_a_restart(azurite, conta
         first = BlockCache(driver, BLOCK, 16 * MiB, 0, disk=disk, stats_interval=0)
         assert run(first) == data
         disk.close()
-        assert driver.stats.requests["read"] == 4
+        assert driver.metrics.requests["read"] == 4
         files = disk_files(cache_dir)
         assert len(files) == 4
         assert not [p for p in files if p.name.endswith(".tmp")]
@@ -135,7 +135,7 @@ def test_disk_tier_files_are_private_atomic_and_survive_a_restart(azurite, conta
         second = BlockCache(driver, BLOCK, 16 * MiB, 0, disk=disk, stats_interval=0)
         assert run(second) == data
         disk.close()
-        assert driver.stats.requests["read"] == 4
+        assert driver.metrics.requests["read"] == 4
         assert second.stats.disk_hits == 4 and second.stats.bytes_from_azure == 0
 
         # Another container (namespace) sharing the directory never sees those files.
