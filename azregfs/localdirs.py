@@ -1,0 +1,136 @@
+"""What this mount knows about directories better than Azure does, for a bounded time.
+
+Pure bookkeeping, no I/O: the namespace asks, then acts (lists, writes markers). Two tables:
+
+- **Created directories.** A directory this mount made with ``mkdir`` had an empty prefix
+  then (the kernel's lookup proved the name absent). For ``window`` seconds after its
+  creation, its listing is exactly what this mount noted into it, so a name missing from it
+  is missing, without a request. Another host writing into that very directory during the
+  window is seen here when the window ends (registries name such directories by a fresh
+  upload ID or a digest). Bounded: at most ``max_created`` directories of at most
+  ``max_entries`` names each; one over either bound is simply forgotten (asked of Azure).
+
+- **Unmarked directories.** Directories that exist here although Azure may hold no blob
+  under them: made by ``mkdir`` and still without a committed child, or emptied by our own
+  unlink or rename. Azure shows an empty directory only by a marker blob; writing one for
+  every ``mkdir -p`` and deleting it when the first file lands costs two requests a level,
+  so the marker is written only for a directory still unmarked ``marker_delay`` seconds
+  later, on ``fsyncdir``, or at unmount -- and only for leaves (a marker below makes the
+  parent visible). A committed child, or ``rmdir``, takes a directory (and its ancestors,
+  for a child) out of the table. Until its marker is written, another host does not see
+  an empty directory made here; a daemon killed meanwhile loses it (files are never lost).
+  Bounded by ``max_unmarked``: beyond it the oldest are due at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+E = TypeVar("E")  # what a listing maps names to (the namespace's Entry)
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/") or top == ""
+
+
+@dataclass
+class _Created(Generic[E]):
+    until: float
+    names: dict[str, E] = field(default_factory=dict)
+
+
+class LocalDirs(Generic[E]):
+    def __init__(self, window: float, marker_delay: float, max_created: int = 4096,
+                 max_entries: int = 1000, max_unmarked: int = 10000) -> None:
+        self.window = window
+        self.marker_delay = marker_delay
+        self.max_created = max_created
+        self.max_entries = max_entries
+        self.max_unmarked = max_unmarked
+        self._created: OrderedDict[str, _Created[E]] = OrderedDict()
+        self._unmarked: dict[str, float] = {}  # path -> when its marker is due
+
+    # -- created directories -------------------------------------------------------------
+
+    def made(self, path: str, now: float) -> None:
+        """mkdir through this mount: its listing is ours, and it is unmarked."""
+        self._created[path] = _Created(now + self.window)
+        self._created.move_to_end(path)
+        while len(self._created) > self.max_created:
+            self._created.popitem(last=False)
+        self._unmarked[path] = now + self.marker_delay
+
+    def listing(self, path: str, now: float) -> dict[str, E] | None:
+        """The complete listing of a directory created here, while its window lasts."""
+        created = self._created.get(path)
+        if created is None:
+            return None
+        if now >= created.until:
+            del self._created[path]
+            return None
+        return created.names
+
+    def note(self, path: str, entry: E | None) -> None:
+        """Our own change to one name: keep a created parent's listing exact."""
+        created = self._created.get(parent_of(path)) if path else None
+        if created is None:
+            return
+        name = path.rpartition("/")[2]
+        if entry is None:
+            created.names.pop(name, None)
+        else:
+            created.names[name] = entry
+            if len(created.names) > self.max_entries:
+                del self._created[parent_of(path)]
+
+    # -- unmarked directories ------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        """A directory that exists here though Azure may show nothing for it."""
+        return path in self._unmarked
+
+    def emptied(self, path: str, now: float) -> None:
+        """Our unlink/rename/rmdir may have taken the last blob under path."""
+        if path and path not in self._unmarked:
+            self._unmarked[path] = now + self.marker_delay
+
+    def child_landed(self, path: str) -> None:
+        """A blob now exists at path: every ancestor shows in Azure by its prefix."""
+        parent = parent_of(path)
+        while parent:
+            self._unmarked.pop(parent, None)
+            parent = parent_of(parent)
+
+    def removed(self, path: str) -> None:
+        """rmdir, or a directory renamed away: forget it and everything under it."""
+        for table in (self._unmarked, self._created):
+            for known in [p for p in table if _under(p, path)]:
+                del table[known]
+
+    def due(self, now: float, under: str | None = None) -> list[str]:
+        """Unmarked leaves whose marker is due now (all of them `under` a path, for fsyncdir
+        and unmount); they leave the table, and their unmarked ancestors with them."""
+        overflow = len(self._unmarked) - self.max_unmarked
+        oldest = sorted(self._unmarked.values())[overflow - 1] if overflow > 0 else None
+        ready = [path for path, when in self._unmarked.items()
+                 if (under is not None and _under(path, under)) or when <= now
+                 or (oldest is not None and when <= oldest)]
+        leaves = [path for path in ready
+                  if not any(other != path and _under(other, path) for other in self._unmarked)]
+        for path in leaves:
+            self._unmarked.pop(path, None)
+            self.child_landed(path)  # its marker will make its ancestors visible too
+        return leaves
+
+    def next_due(self) -> float | None:
+        return min(self._unmarked.values(), default=None)
+
+    @property
+    def unmarked_count(self) -> int:
+        return len(self._unmarked)
