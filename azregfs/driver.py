@@ -102,6 +102,15 @@ def _info(props: BlobProperties) -> BlobInfo:
     )
 
 
+def _written(name: str, size: int, response: dict[str, Any], metadata: dict[str, str],
+             content_type: str | None) -> BlobInfo:
+    """The properties of a blob we just wrote, from the write's own response."""
+    modified = response.get("last_modified")
+    return BlobInfo(name, size, response.get("etag") or "",
+                    modified.timestamp() if modified else time.time(), dict(metadata),
+                    "BlockBlob", content_type)
+
+
 def _split_level(page: Any) -> tuple[list[BlobInfo], list[str]]:
     """One page of a delimited listing: the blobs at this level, and the sub-prefixes."""
     blobs: list[BlobInfo] = []
@@ -427,19 +436,21 @@ class Driver:
         await self._run(f"stage block of {name}", call)
 
     async def commit_blocks(
-        self, name: str, block_ids: list[str], metadata: dict[str, str],
+        self, name: str, block_ids: list[str], size: int, metadata: dict[str, str],
         content_type: str | None = None, exclusive: bool = False,
     ) -> BlobInfo:
+        """Put Block List; `size` is the blocks' total (the caller planned them)."""
+
         def call() -> BlobInfo:
             kwargs: dict[str, Any] = {}
             if exclusive:
                 kwargs = {"match_condition": MatchConditions.IfMissing}
-            blob = self._blob(name)
-            blob.commit_block_list(
+            result = self._blob(name).commit_block_list(
                 [BlobBlock(block_id) for block_id in block_ids], metadata=metadata,
                 content_settings=ContentSettings(content_type=content_type), **kwargs,
             )
-            return _info(blob.get_blob_properties())
+            # The response has the new ETag and time: no HEAD after each commit.
+            return _written(name, size, result, metadata, content_type)
 
         return await self._run(f"commit {name}", call)
 
@@ -456,10 +467,7 @@ class Driver:
                 content_settings=settings, length=len(data),
             )
             # The response has what a HEAD would tell: no second request per small file.
-            modified = result.get("last_modified")
-            return BlobInfo(name, len(data), result.get("etag") or "",
-                            modified.timestamp() if modified else time.time(),
-                            dict(metadata), "BlockBlob", settings.content_type)
+            return _written(name, len(data), result, metadata, settings.content_type)
 
         return await self._run(f"put {name}", call)
 
@@ -484,14 +492,23 @@ class Driver:
 
         await self._run(f"delete {name}", call)
 
-    async def copy(self, source: str, target: str) -> BlobInfo:
-        """Server-side copy; waits for an asynchronous copy to finish by its status."""
+    async def copy(self, source: str, target: str, source_info: BlobInfo | None = None
+                   ) -> BlobInfo:
+        """Server-side copy; waits for an asynchronous copy to finish by its status.
+
+        A copy that completes at once (within an account it usually does) answers with the
+        target's ETag; with the source's properties known, no HEAD follows."""
         source_url = self._blob(source).url
 
         def start() -> Any:
             return self._blob(target).start_copy_from_url(source_url)
 
-        await self._run(f"copy {source} to {target}", start)
+        started = await self._run(f"copy {source} to {target}", start)
+        if source_info is not None and started.get("copy_status") == "success":
+            copied = _written(target, source_info.size, started, source_info.metadata,
+                              source_info.content_type)
+            copied.blob_type = source_info.blob_type  # Copy Blob keeps the type
+            return copied
         delay = 0.05
         while True:
             info_props = await self._run(

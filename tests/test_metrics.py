@@ -262,7 +262,8 @@ def test_prometheus_sees_what_the_daemon_did(mount_factory, container, prometheu
     # rightly find nothing here: throttling, failures).
     for expression in documented_queries():
         prometheus.query(expression)
-    assert prometheus.query('sum(rate(azregfs_azure_requests_total[1m]))')
+    wait_for(lambda: prometheus.query("sum(rate(azregfs_azure_requests_total[1m]))"), 30,
+             "two scrapes, for rate()", interval=0.5)
 
 
 def documented_queries() -> list[str]:
