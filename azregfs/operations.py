@@ -413,7 +413,7 @@ class Operations(pyfuse3.Operations):
                 # Azure's Copy Blob refuses to overwrite a blob of another type (a v3
                 # registry's append-blob `link` replaced by a block-blob .tmp file).
                 await self.driver.delete(target)
-            info = await self.driver.copy(source, target)
+            info = await self.driver.copy(source, target, current)
             await self.driver.delete(source)
             return info
 
@@ -441,14 +441,15 @@ class Operations(pyfuse3.Operations):
         for session in list(self.writes.sessions.values()):
             if session.name.startswith(old_prefix):
                 await session.commit()
-        moves: list[tuple[str, str]] = []  # (source, target) blob names
+        moves: list[tuple[BlobInfo, str]] = []  # (source, target blob name)
         async for page in self.driver.list_all(old_prefix):
-            moves += [(info.name, new_prefix + info.name[len(old_prefix):]) for info in page]
+            moves += [(info, new_prefix + info.name[len(old_prefix):]) for info in page]
         marker = await self.driver.head(self.ns.blob_name(old_path))
         if marker is not None and marker.is_marker:
-            moves.append((marker.name, self.ns.blob_name(new_path)))
-        for name, target in moves:
-            info = await self.driver.copy(name, target)
+            moves.append((marker, self.ns.blob_name(new_path)))
+        for source, target in moves:
+            name = source.name
+            info = await self.driver.copy(name, target, source)
             await self.driver.delete(name)
             known = self.ns.by_path.get(name[len(self.ns.prefix):])
             if known is not None and not known.is_dir:

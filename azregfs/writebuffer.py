@@ -658,7 +658,7 @@ class WriteSession:
         if len(block_ids) > MAX_BLOCKS:
             raise FSError(errno.EFBIG, f"{self.name} would need {len(block_ids)} blocks "
                           f"(Azure allows {MAX_BLOCKS}); raise block_size")
-        return await self.driver.commit_blocks(self.name, block_ids, self.metadata,
+        return await self.driver.commit_blocks(self.name, block_ids, self.size, self.metadata,
                                                self.content_type, exclusive=self.exclusive)
 
     async def _absorb_base(self) -> None:
