@@ -39,11 +39,11 @@ from azure.storage.blob import (
     BlobType,
     ContainerClient,
     ContentSettings,
-    ExponentialRetry,
 )
 
 from .config import Config
 from .metrics import Metrics, RequestMeter
+from .throttle import Concurrency, RetryAfterRetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -169,7 +169,8 @@ def map_error(exc: BaseException, what: str) -> StorageError:
 
 
 def _make_container_client(cfg: Config, *, retries: int, timeout: float,
-                           metrics: Metrics | None = None) -> ContainerClient:
+                           metrics: Metrics | None = None,
+                           concurrency: Concurrency | None = None) -> ContainerClient:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(
         pool_connections=4, pool_maxsize=cfg.max_concurrency + 4
@@ -181,7 +182,8 @@ def _make_container_client(cfg: Config, *, retries: int, timeout: float,
         # responses stream in 4 KiB pieces, which tripled the CPU cost of every download.
         "transport": RequestsTransport(session=session, session_owner=True,
                                        connection_data_block_size=256 * 1024),
-        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=retries),
+        "retry_policy": RetryAfterRetry(initial_backoff=1, increment_base=2,
+                                        retry_total=retries),
         "connection_timeout": min(timeout, 10.0),
         "read_timeout": timeout,
         "max_single_put_size": 64 * 1024 * 1024,
@@ -191,7 +193,7 @@ def _make_container_client(cfg: Config, *, retries: int, timeout: float,
         # After the retry policy, so it sees every attempt. The SDK has no public knob for
         # a per-attempt policy that also sees failed connections (raw_response_hook does
         # not), hence this long-standing keyword.
-        common["_additional_pipeline_policies"] = [RequestMeter(metrics)]
+        common["_additional_pipeline_policies"] = [RequestMeter(metrics, concurrency)]
     if cfg.connection_string and not cfg.endpoint:
         return ContainerClient.from_connection_string(
             cfg.connection_string, cfg.container, **common
@@ -300,8 +302,11 @@ class Driver:
         self.cfg = cfg
         # Every request is counted by the pipeline (RequestMeter), once per attempt.
         self.metrics = metrics or Metrics(cfg.container)
+        # Requests in flight: at most max_concurrency, halved while Azure throttles us.
+        self.concurrency = Concurrency(cfg.max_concurrency)
         self.container = _make_container_client(cfg, retries=cfg.retries, timeout=cfg.timeout,
-                                                metrics=self.metrics)
+                                                metrics=self.metrics,
+                                                concurrency=self.concurrency)
         self.limiter = trio.CapacityLimiter(cfg.max_concurrency)
 
     def close(self) -> None:
@@ -314,6 +319,15 @@ class Driver:
             raise
         except Exception as exc:  # noqa: BLE001 - every SDK error becomes a StorageError
             raise map_error(exc, what) from None
+        finally:
+            limit = self.concurrency.limit
+            if self.limiter.total_tokens != limit:
+                if limit < self.limiter.total_tokens:
+                    log.warning("Azure is throttling (503 ServerBusy): requests in flight "
+                                "%d -> %d", self.limiter.total_tokens, limit)
+                else:
+                    log.debug("Azure request concurrency back up to %d", limit)
+                self.limiter.total_tokens = limit
 
     def _blob(self, name: str) -> Any:
         return self.container.get_blob_client(name)
@@ -351,6 +365,18 @@ class Driver:
             page = next(pages, [])
             level = _split_level(page)
             return None if pages.continuation_token else level
+
+        return await self._run(f"LIST {prefix}", call)
+
+    async def list_subtree_small(self, prefix: str, limit: int) -> list[BlobInfo] | None:
+        """Every blob under prefix, at any depth, if one page of `limit` holds them all."""
+
+        def call() -> list[BlobInfo] | None:
+            pages = self.container.list_blobs(
+                name_starts_with=prefix or None, include=["metadata"], results_per_page=limit
+            ).by_page()
+            page = [_info(item) for item in next(pages, [])]
+            return None if pages.continuation_token else page
 
         return await self._run(f"LIST {prefix}", call)
 

@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from .config import parse_address
+from .throttle import Concurrency
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx" if status else "none"
 
 
+def is_throttle(status: int | None, code: str) -> bool:
+    return status == 503 or code in THROTTLE_CODES
+
+
 def healthy(status: int | None) -> bool:
     """Did the service answer as a working service does? (404 and 409 are answers; an
     authentication refusal, a throttle or a server error are not)."""
@@ -95,9 +100,10 @@ def healthy(status: int | None) -> bool:
 class RequestMeter(SansIOHTTPPolicy):
     """Counts and times every HTTP attempt (a per-retry policy: it sees each retry)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, concurrency: Concurrency | None = None) -> None:
         super().__init__()
         self.metrics = metrics
+        self.concurrency = concurrency  # told of throttles and successes (AIMD)
 
     def on_request(self, request: PipelineRequest) -> None:
         context = request.context
@@ -129,6 +135,11 @@ class RequestMeter(SansIOHTTPPolicy):
                 down = int(response_length)
         self.metrics.azure_done(op, status, code, seconds, up, down,
                                 retry=context["azregfs_attempt"] > 1)
+        if self.concurrency is not None:
+            if is_throttle(status, code):
+                self.concurrency.throttled()
+            elif status is not None and status < 400:
+                self.concurrency.succeeded()
         if log.isEnabledFor(logging.DEBUG):
             path = urlsplit(request.http_request.url).path
             log.debug("azure %s %s -> %s%s %.1f ms%s [fuse %s]", op, path, status or "error",
@@ -197,7 +208,7 @@ class Metrics:
 
     def azure_done(self, op: str, status: int | None, code: str, seconds: float, up: int,
                    down: int, retry: bool) -> None:
-        throttled = status == 503 or code in THROTTLE_CODES
+        throttled = is_throttle(status, code)
         ok = healthy(status)
         with self.lock:
             self.requests[op] += 1
@@ -291,6 +302,8 @@ _LIVE: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "write_sessions": ("azregfs_write_sessions", "gauge",
                        "Files open for writing (write sessions)", {}),
     "inodes": ("azregfs_inodes", "gauge", "Inodes the kernel holds references to", {}),
+    "azure_concurrency": ("azregfs_azure_concurrency_limit", "gauge",
+                          "Requests allowed in flight now (halved when throttled)", {}),
 }
 _TIERED = {"azregfs_cache_hits", "azregfs_cache_misses", "azregfs_cache_evictions",
            "azregfs_cache_bytes"}

@@ -546,4 +546,5 @@ class Operations(pyfuse3.Operations):
             "writer_wait_seconds": round(budget.waited_seconds, 6),
             "commits": self.writes.commits,
             "commit_failures": self.writes.commit_failures,
+            "azure_concurrency": self.driver.limiter.total_tokens,
         }

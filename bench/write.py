@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sequential write throughput through the mount next to the SDK's upload, in one run.
 
-    .venv/bin/python bench/write.py [--size 1G] [-o block_size=8M,...] [--json out.json]
+    .venv/bin/python bench/write.py [--size 1G] [--bs 1M] [-o block_size=8M,...] [--json out.json]
+    .venv/bin/python bench/write.py --size 256M --bs 4k,32k,1M     # the write-size sweep
 
 Starts its own Azurite (in memory) and its own mount (through the CLI). Prepares a local
 file of random bytes (read once, so it is page-cached), then:
@@ -105,7 +106,7 @@ def stop_mount(path: Path, process: subprocess.Popen) -> None:
         subprocess.run(["fusermount3", "-uz", str(path)], check=False)
 
 
-def bench_mount(source: Path, mountpoint: Path, size: int) -> dict:
+def bench_mount(source: Path, mountpoint: Path, size: int, bs: str = "1M") -> dict:
     pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
     with open(f"/proc/{pid}/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
@@ -113,7 +114,7 @@ def bench_mount(source: Path, mountpoint: Path, size: int) -> dict:
     sampler = RssSampler(pid)
     sampler.start()
     started = time.monotonic()
-    subprocess.run(["dd", f"if={source}", f"of={mountpoint / 'f'}", "bs=1M", "conv=fsync",
+    subprocess.run(["dd", f"if={source}", f"of={mountpoint / 'f'}", f"bs={bs}", "conv=fsync",
                     "status=none"], check=True)
     seconds = time.monotonic() - started
     sampler.done.set()
@@ -154,6 +155,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds, the order of the three rotating (default 3); the "
                         "table shows medians")
+    parser.add_argument("--bs", default="1M", help="dd block size of the mount's writes; "
+                        "several (4k,32k,1M) make a sweep, each compared to the last")
     parser.add_argument("--json", help="also write the JSON to this file")
     parser.add_argument("--workdir", help="where the source file and mount go (default: a "
                         "temporary directory under /var/tmp)")
@@ -167,8 +170,10 @@ def main() -> int:
     print(f"preparing {size / MiB:.0f} MiB of random data in {source} ...", file=sys.stderr)
     make_source(source, size)
 
-    results: dict = {"size_mib": size / MiB, "mount_options": args.options,
-                     "rounds": {"mount": [], "sdk_c4": [], "sdk_c1": []}}
+    sizes = args.bs.split(",")
+    mounts = ["mount"] + [f"mount bs={bs}" for bs in sizes[:-1]]  # "mount" is the last size
+    results: dict = {"size_mib": size / MiB, "mount_options": args.options, "bs": sizes,
+                     "rounds": {key: [] for key in (*mounts, "sdk_c4", "sdk_c1")}}
     rounds = results["rounds"]
 
     def measure(what: str) -> dict:
@@ -179,19 +184,21 @@ def main() -> int:
                                                                max_single_put_size=64 * MiB)
             service.create_container("bench")
             bench_sdk(service, "bench", source, min(size, 64 * MiB), 4)  # warm-up, unmeasured
-            if what != "mount":
+            if not what.startswith("mount"):
                 return bench_sdk(service, "bench", source, size, int(what[-1]))
             mountpoint = workdir / "mnt"
             process = start_mount(azurite, "bench", mountpoint, args.options,
                                   workdir / "mnt.log")
             try:
-                return bench_mount(source, mountpoint, size)
+                bs = what.partition("bs=")[2] or sizes[-1]
+                return bench_mount(source, mountpoint, size, bs)
             finally:
                 stop_mount(mountpoint, process)
 
-    order = ["mount", "sdk_c4", "sdk_c1"]
+    order = [*mounts, "sdk_c4", "sdk_c1"]
     for number in range(args.repeat):
-        for what in order[number % 3:] + order[:number % 3]:
+        turn = number % len(order)
+        for what in order[turn:] + order[:turn]:
             print(f"round {number + 1}: {what} ...", file=sys.stderr)
             rounds[what].append(measure(what))
     source.unlink()
@@ -211,11 +218,19 @@ def main() -> int:
     print(f"\nsequential write of {size / MiB:.0f} MiB, median of {args.repeat} rounds "
           f"(mount options: {args.options or 'defaults'})")
     print(f"{'what':<34}{'seconds':>10}{'MiB/s':>10}{'vs SDK c=4':>12}")
-    for label, row in (("mount: dd bs=1M conv=fsync", mount),
+    for label, row in ((f"mount: dd bs={sizes[-1]} conv=fsync", mount),
                        ("SDK upload_blob max_concurrency=4", c4),
                        ("SDK upload_blob max_concurrency=1", c1)):
         print(f"{label:<34}{row['seconds']:>10.1f}{row['mib_s']:>10.1f}"
               f"{row['mib_s'] / c4['mib_s']:>12.2f}")
+    if len(sizes) > 1:
+        print(f"write-size sweep (ratio to dd bs={sizes[-1]}):")
+        for key in mounts[1:] + ["mount"]:
+            row = median_row(rounds[key])
+            results[f"median {key}"] = row
+            print(f"  {key if key != 'mount' else 'mount bs=' + sizes[-1]:<24}"
+                  f"{row['seconds']:>8.2f} s{row['mib_s']:>9.1f} MiB/s"
+                  f"{row['mib_s'] / mount['mib_s']:>8.2f}")
     print("all rounds, MiB/s: " + "; ".join(
         f"{key} " + " ".join(f"{r['mib_s']:.0f}" for r in rows) for key, rows in rounds.items()))
     print(f"daemon peak RSS during the writes (VmHWM): {mount['vm_hwm_mib']:.0f} MiB "
