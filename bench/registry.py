@@ -1,8 +1,18 @@
-"""Registry push/pull wall times: docker-registry on an azregfs mount next to docker-registry
-on a local directory, and the SDK's own upload/download of the biggest layer as Azurite's
-ceiling, all in one run against one Azurite.
+"""Registry push/pull wall times and Azure requests: docker-registry on an azregfs mount next
+to docker-registry on a local directory, and the SDK's own upload/download of the biggest
+layer as Azurite's ceiling, all in one run against one Azurite.
 
-    .venv/bin/python bench/registry.py [--big-mib 200] [--repeat 1] [--json out.json]
+    .venv/bin/python bench/registry.py [--layers 1,32,256] [--latency MS] [--repeat 1]
+                                       [--json out.json]
+
+The mount reaches Azurite through azregfs.faultproxy, which counts the requests by Azure
+operation and, with ``--latency MS``, delays each one by MS milliseconds (a stand-in for
+the 5-30 ms of a real Azure region; Azurite on loopback answers in about 1 ms). The image
+is one layer per ``--layers`` size in MiB plus its config and manifest. The push is timed
+from skopeo's start to its end; its requests also include what the unmount after it
+flushed. The pull is cold: the mount is remounted between the two (the remount's own
+requests are in neither column). "sdk ... via proxy" is the same SDK call through the proxy,
+so the proxy's own cost (it shares the machine's cores with Azurite) shows next to it.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from azure.storage.blob import BlobServiceClient
 
 from azregfs.azurite import Azurite
+from azregfs.faultproxy import FaultProxy
 from azregfs.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
 
 
@@ -31,11 +43,11 @@ def timed(action: Callable[[], object]) -> float:
 
 
 class Mount:
-    def __init__(self, azurite: Azurite, container: str, path: Path) -> None:
+    def __init__(self, connection_string: str, container: str, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
-        env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
-        self.log = open(path.parent / f"{path.name}.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": connection_string}
+        self.log = open(path.parent / f"{path.name}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "azregfs", "mount", "--foreground", container, str(path)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -45,13 +57,18 @@ class Mount:
                 raise RuntimeError(f"mount failed, see {self.log.name}")
             time.sleep(0.05)
 
-    def stats(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.azregfs.stats"))
-
     def unmount(self) -> None:
         subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
         self.process.wait(timeout=600)
         self.log.close()
+
+
+def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """Proxy counters between two snapshots."""
+    requests = {op: n - before["requests"].get(op, 0) for op, n in after["requests"].items()}
+    return {"requests": {op: n for op, n in requests.items() if n},
+            "bytes_up": after["bytes_up"] - before["bytes_up"],
+            "bytes_down": after["bytes_down"] - before["bytes_down"]}
 
 
 def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
@@ -68,19 +85,31 @@ def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
     assert read_image(pulled, image.tag).digests == image.digests
 
 
-def run(big_mib: int, workdir: Path) -> dict[str, float]:
-    results: dict[str, float] = {}
-    image = build_image(workdir / "image", [big_mib * MiB, 3 * MiB, 64 * 1024, 1 * MiB],
+def sdk_round_trip(connection_string: str, path: Path, label: str,
+                   results: dict[str, Any]) -> None:
+    service = BlobServiceClient.from_connection_string(connection_string)
+    sdk = service.get_container_client("bench-sdk")
+    with open(path, "rb") as handle:
+        results[f"sdk upload (big layer){label}"] = timed(
+            lambda: sdk.upload_blob("layer", handle, max_concurrency=4, overwrite=True))
+    results[f"sdk download (big layer){label}"] = timed(
+        lambda: sdk.download_blob("layer", max_concurrency=4).readall())
+    service.close()
+
+
+def run(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    image = build_image(workdir / "image", [int(size * MiB) for size in layers_mib],
                         tag="v1", seed=7, compress_below=4 * MiB)
-    big_layer = image.layout / "blobs" / "sha256" / image.layers[0].digest[7:]
-    with Azurite() as azurite:
-        service = BlobServiceClient.from_connection_string(azurite.connection_string)
-        sdk = service.create_container("bench-sdk")
-        with open(big_layer, "rb") as handle:
-            results["sdk upload (big layer)"] = timed(
-                lambda: sdk.upload_blob("layer", handle, max_concurrency=4))
-        results["sdk download (big layer)"] = timed(
-            lambda: sdk.download_blob("layer", max_concurrency=4).readall())
+    biggest = max(image.layers, key=lambda layer: layer.size)
+    big_layer = image.layout / "blobs" / "sha256" / biggest.digest[7:]
+    with Azurite() as azurite, FaultProxy(azurite.port) as proxy:
+        if latency_ms:
+            proxy.add_rule("latency", ms=latency_ms)
+        BlobServiceClient.from_connection_string(azurite.connection_string).create_container(
+            "bench-sdk")
+        sdk_round_trip(azurite.connection_string, big_layer, "", results)
+        sdk_round_trip(proxy.connection_string(azurite), big_layer, " via proxy", results)
 
         local = Registry(workdir / "local-store", workdir / "registry-local").start()
         try:
@@ -88,48 +117,84 @@ def run(big_mib: int, workdir: Path) -> dict[str, float]:
         finally:
             local.stop()
 
-        service.create_container("bench-mount")
-        state: dict[str, object] = {"mount": Mount(azurite, "bench-mount", workdir / "mnt")}
-        state["registry"] = Registry(workdir / "mnt", workdir / "registry-mount").start()
+        BlobServiceClient.from_connection_string(azurite.connection_string).create_container(
+            "bench-mount")
+        proxied = proxy.connection_string(azurite)
+        mnt = workdir / "mnt"
+        state: dict[str, Any] = {"mount": Mount(proxied, "bench-mount", mnt)}
+        state["registry"] = Registry(mnt, workdir / "registry-mount").start()
+        marks: dict[str, dict[str, Any]] = {"push start": proxy.snapshot()}
 
         def remount() -> Registry:
-            state["registry"].stop()  # type: ignore[union-attr]
-            state["mount"].unmount()  # type: ignore[union-attr]
-            state["mount"] = Mount(azurite, "bench-mount", workdir / "mnt")
-            state["registry"] = Registry(workdir / "mnt", workdir / "registry-mount").start()
-            return state["registry"]  # type: ignore[return-value]
+            state["registry"].stop()
+            state["mount"].unmount()
+            marks["push end"] = proxy.snapshot()
+            state["mount"] = Mount(proxied, "bench-mount", mnt)
+            state["registry"] = Registry(mnt, workdir / "registry-mount").start()
+            marks["pull start"] = proxy.snapshot()
+            return state["registry"]
 
         try:
-            push_pull(image, state["registry"], workdir, "mount", results,  # type: ignore
-                      remount=remount)
-            stats = state["mount"].stats()["driver"]  # type: ignore[union-attr]
-            results["mount pull: MiB from Azure"] = stats["bytes_down"] / MiB
+            push_pull(image, state["registry"], workdir, "mount", results, remount=remount)
+            marks["pull end"] = proxy.snapshot()
         finally:
-            state["registry"].stop()  # type: ignore[union-attr]
-            state["mount"].unmount()  # type: ignore[union-attr]
+            state["registry"].stop()
+            state["mount"].unmount()
+    push = delta(marks["push end"], marks["push start"])
+    pull = delta(marks["pull end"], marks["pull start"])
+    results["mount push: MiB to Azure"] = push["bytes_up"] / MiB
+    results["mount pull: MiB from Azure"] = pull["bytes_down"] / MiB
     results["image MiB"] = image.total_size / MiB
+    results["requests"] = {"push": push["requests"], "pull": pull["requests"]}
     return results
+
+
+def report(runs: list[dict[str, Any]], layers_mib: list[float], latency_ms: float) -> None:
+    shape = "+".join(f"{size:g}" for size in layers_mib)
+    print(f"image: layers {shape} MiB; proxy latency {latency_ms:g} ms; {len(runs)} run(s)")
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            continue
+        values = " ".join(f"{r[key]:8.2f}" for r in runs)
+        unit = "" if "MiB" in key else " s"
+        print(f"{key:34s} {values}{unit}")
+    for side in ("push", "pull"):
+        ratio = [r[f"mount {side}"] / r[f"local {side}"] for r in runs]
+        print(f"{'mount/local ' + side:34s} " + " ".join(f"{x:8.2f}" for x in ratio))
+
+    width = 7 * len(runs)
+    print()
+    print(f"{'mount requests by type':34s} {'push':>{width}s}   {'pull':>{width}s}")
+    ops = sorted({op for r in runs for side in ("push", "pull") for op in r["requests"][side]})
+
+    def cells(side: str, op: str | None) -> str:
+        counts = [r["requests"][side] for r in runs]
+        return "".join(f"{sum(c.values()) if op is None else c.get(op, 0):7d}" for c in counts)
+
+    for op in ops:
+        print(f"{'  ' + op:34s} {cells('push', op)}   {cells('pull', op)}")
+    print(f"{'  total':34s} {cells('push', None)}   {cells('pull', None)}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--big-mib", type=int, default=200)
+    parser.add_argument("--layers", default="1,32,256",
+                        help="layer sizes in MiB, comma-separated (default 1,32,256)")
+    parser.add_argument("--latency", type=float, default=0.0, metavar="MS",
+                        help="delay every request of the mount (and the sdk-via-proxy rows) "
+                             "by MS milliseconds in the proxy")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    layers_mib = [float(size) for size in args.layers.split(",") if size.strip()]
     runs = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="azregfs-bench-") as tmp:
-            runs.append(run(args.big_mib, Path(tmp)))
-    for key in runs[0]:
-        values = " ".join(f"{r[key]:8.2f}" for r in runs)
-        unit = "" if "MiB" in key else " s"
-        print(f"{key:32s} {values}{unit}")
-    for side in ("push", "pull"):
-        ratio = [r[f"mount {side}"] / r[f"local {side}"] for r in runs]
-        print(f"{'mount/local ' + side:32s} " + " ".join(f"{x:8.2f}" for x in ratio))
+            runs.append(run(layers_mib, args.latency, Path(tmp)))
+    report(runs, layers_mib, args.latency)
     if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=1))
+        Path(args.json).write_text(json.dumps(
+            {"layers_mib": layers_mib, "latency_ms": args.latency, "runs": runs}, indent=1))
     return 0
 
 
