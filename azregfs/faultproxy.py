@@ -90,6 +90,7 @@ import contextlib
 import http.client
 import ipaddress
 import json
+import logging
 import random
 import select
 import signal
@@ -110,12 +111,15 @@ from urllib.parse import parse_qs, urlsplit
 
 from .azurite import DEV_ACCOUNT, DEV_KEY
 
+log = logging.getLogger(__name__)
+
 CONTROL = "/__faultproxy__"
 CHUNK = 256 * 1024
 MAX_BUFFERED = 64 * 1024 * 1024  # request bodies up to this are read whole, then forwarded
 MAX_CONTROL_BODY = 1024 * 1024
 MAX_STALL = 600.0
 MAX_LATENCY_MS = 60_000.0
+SLOW = 10.0  # seconds: an upstream answer slower than this is logged as a warning
 
 FAULT_KINDS = ("latency", "error", "reset_request", "reset_response", "truncate", "stall")
 DEFAULT_CODES = {503: "ServerBusy", 500: "InternalError", 408: "RequestTimeout"}
@@ -509,6 +513,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, (OSError, http.client.HTTPException, ValueError)):
+            log.info("connection from %s ended: %r", client_address, exc)
             return  # a client or upstream going away is business as usual here
         super().handle_error(request, client_address)
 
@@ -657,11 +662,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reset()
         if body is not None:
             proxy._count_bytes(up=len(body))
+        started = time.monotonic()
         try:
             response = self._forward(body, stream, length)
-        except (OSError, http.client.HTTPException):
+        except (OSError, http.client.HTTPException) as exc:
+            log.warning("%s %s: upstream failed after %.1f s: %r", op, self.path,
+                        time.monotonic() - started, exc)
             self._close_upstream()
             self._reset()  # the client sees what it would see if Azure were unreachable
+        elapsed = time.monotonic() - started
+        log.log(logging.WARNING if elapsed > SLOW else logging.DEBUG,
+                "%s %s %s: %d in %.3f s%s", op, self.command, self.path, response.status,
+                elapsed, f" ({fault.fault})" if fault else "")
         self._relay(response, fault)
 
     def _forward(self, body: bytes | None, stream: Iterator[bytes] | None,
@@ -748,7 +760,9 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                 if cut is None and response.chunked:
                     self._send(b"0\r\n\r\n")
-        except OSError:
+        except OSError as exc:
+            log.info("%s %s: client went away after %d body bytes: %r", self.command,
+                     self.path, sent, exc)
             self.proxy._count_bytes(down=sent)
             self._drain(response)  # the client went away; finish reading for Azurite
             self.close_connection = True

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -98,6 +99,18 @@ def sdk_round_trip(connection_string: str, path: Path, label: str,
 
 
 def run(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[str, Any]:
+    proxy_log = logging.FileHandler(workdir / "proxy.log")
+    proxy_log.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
+    logging.getLogger("azregfs.faultproxy").addHandler(proxy_log)
+    logging.getLogger("azregfs.faultproxy").setLevel(logging.DEBUG)
+    try:
+        return measure(layers_mib, latency_ms, workdir)
+    finally:
+        logging.getLogger("azregfs.faultproxy").removeHandler(proxy_log)
+        proxy_log.close()
+
+
+def measure(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     image = build_image(workdir / "image", [int(size * MiB) for size in layers_mib],
                         tag="v1", seed=7, compress_below=4 * MiB)
@@ -185,10 +198,18 @@ def main() -> int:
                              "by MS milliseconds in the proxy")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--workdir", help="keep images, logs (mount, registry, proxy) here, "
+                                          "one subdirectory per run (default: a temporary one)")
     args = parser.parse_args()
     layers_mib = [float(size) for size in args.layers.split(",") if size.strip()]
     runs = []
-    for _ in range(args.repeat):
+    for index in range(args.repeat):
+        if args.workdir:
+            workdir = Path(args.workdir) / f"run{index + 1}"
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True)
+            runs.append(run(layers_mib, args.latency, workdir))
+            continue
         with tempfile.TemporaryDirectory(prefix="azregfs-bench-") as tmp:
             runs.append(run(layers_mib, args.latency, Path(tmp)))
     report(runs, layers_mib, args.latency)
