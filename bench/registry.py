@@ -3,7 +3,10 @@ to docker-registry on a local directory, and the SDK's own upload/download of th
 layer as Azurite's ceiling, all in one run against one Azurite.
 
     .venv/bin/python bench/registry.py [--layers 1,32,256] [--latency MS] [--repeat 1]
-                                       [--json out.json]
+                                       [--json out.json] [--workdir DIR]
+
+To measure another checkout of the daemon, run from that checkout with
+``PYTHONPATH=<checkout>``: the mount is ``python -m azregfs`` in the current directory.
 
 The mount reaches Azurite through azregfs.faultproxy, which counts the requests by Azure
 operation and, with ``--latency MS``, delays each one by MS milliseconds (a stand-in for
