@@ -33,6 +33,29 @@ Rules the code relies on:
 - An append blob rewritten as a block blob (O_TRUNC, a write before its end) cannot stage
   blocks under its name until the commit deletes it, so that data is held in memory
   outside the budget's back-pressure (a registry never does this to large files).
+
+Size limits (``limit``), checked when a write or truncate would grow the file, so the
+application gets EFBIG at once rather than at close:
+- A block blob we commit is cut into blocks of ``block_size``, and Azure takes at most
+  50,000 blocks: the file may grow to 50,000 x block_size (390 GiB with 8 MiB blocks;
+  Azure's own ceiling, 50,000 x 4,000 MiB, needs block_size 4000M). A base blob committed
+  in larger blocks by another tool may already be larger: it may be changed within its size.
+- A session in append mode (appending to an append blob) sends Append Blocks of at most
+  4 MiB, and an append blob holds 50,000 blocks: appends stop at 50,000 x 4 MiB (195 GiB).
+  Any other change leaves append mode (the blob is rewritten as a block blob at commit), and
+  the block-blob limit applies from then on.
+- The commit still counts the blocks it plans before uploading any (many small staged
+  blocks can exceed 50,000 below the size limit) and fails with EFBIG.
+
+Holes cost no memory: a hole (sparse write, truncate that grows, zero bytes written just
+past a hole, as glibc's posix_fallocate emulation does) is one ZERO segment whatever its
+length. The commit packs what must be uploaded into full blocks, and every block that is
+all hole refers to one zero block staged once per commit (Put Block List accepts an ID many
+times; checked on Azurite), so a 2 GiB hole costs one block_size upload, not 256. A small
+file (up to 64 MiB) goes in one Put Blob only when its holes add at most block_size to
+memory. pyfuse3 3.5 does not dispatch FALLOCATE: the kernel answers EOPNOTSUPP for every
+mode, and posix_fallocate falls back to writing one zero byte per 4 KiB, which lands here
+as a growing hole.
 """
 
 from __future__ import annotations
@@ -54,9 +77,12 @@ from .namespace import FSError, Node
 
 log = logging.getLogger(__name__)
 
+MiB = 1024 * 1024
 MAX_BLOCKS = 50_000
-APPEND_CHUNK = 4 * 1024 * 1024
-SINGLE_PUT_MAX = 64 * 1024 * 1024
+MAX_BLOCK_BYTES = 4000 * MiB  # Put Block's largest block
+APPEND_CHUNK = 4 * MiB
+MAX_APPEND_SIZE = MAX_BLOCKS * APPEND_CHUNK
+SINGLE_PUT_MAX = 64 * MiB
 ID_INDEX_DIGITS = 8
 DEFAULT_ID_LENGTH = 32
 
@@ -81,11 +107,102 @@ class Segment:
     # DIRTY data being staged: a worker thread reads it, so it is never changed in place;
     # later writes to its range replace the segment instead.
     frozen: bool = False
-    data_offset: int = 0  # a piece of a DIRTY segment (see _pieces): where it starts in data
+    data_offset: int = 0  # a piece of a DIRTY segment (see _piece): where it starts in data
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+class TooManyBlocks(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size  # bytes planned when the count went past the limit
+
+
+ZERO_BLOCK = -1  # in a plan: the all-zero block, staged once per commit
+
+
+def plan_blocks(segments: list[Segment], block_size: int,
+                max_blocks: int = MAX_BLOCKS) -> tuple[list[str | int], list[list[Segment]]]:
+    """The block list of a commit: (plan, runs).
+
+    Each plan item is a block ID to reuse (COMMITTED, STAGED), the index of a run in runs
+    to stage (pieces of BASE, DIRTY and ZERO segments, packed into full blocks: a block
+    may span several segments, so small pieces never multiply the block count), or
+    ZERO_BLOCK for a block that is all hole. Memory is proportional to the number of blocks,
+    never to a hole's length; past max_blocks it raises TooManyBlocks at once.
+    """
+    plan: list[str | int] = []
+    runs: list[list[Segment]] = []
+    current: list[Segment] = []
+    current_len = 0
+    position = 0
+
+    def add(item: str | int, count: int = 1) -> None:
+        if len(plan) + count > max_blocks:
+            raise TooManyBlocks(position)
+        plan.extend([item] * count)
+
+    def close_run() -> None:
+        nonlocal current, current_len
+        if not current:
+            return
+        if current_len == block_size and all(p.kind is Kind.ZERO for p in current):
+            add(ZERO_BLOCK)
+        else:
+            add(len(runs))
+            runs.append(current)
+        current, current_len = [], 0
+
+    for seg in segments:
+        position = seg.start
+        if seg.kind in (Kind.COMMITTED, Kind.STAGED):
+            close_run()
+            add(seg.block_id)
+            continue
+        pos = seg.start
+        while pos < seg.end:
+            position = pos
+            if seg.kind is Kind.ZERO and not current and seg.end - pos >= block_size:
+                whole = (seg.end - pos) // block_size
+                add(ZERO_BLOCK, whole)
+                pos += whole * block_size
+                continue
+            take = min(seg.end - pos, block_size - current_len)
+            current.append(_piece(seg, pos, take))
+            current_len += take
+            pos += take
+            if current_len == block_size:
+                close_run()
+    position = segments[-1].end if segments else 0
+    close_run()
+    return plan, runs
+
+
+def _piece(seg: Segment, start: int, length: int) -> Segment:
+    """Bytes [start, start+length) of a BASE, DIRTY or ZERO segment, sharing its data."""
+    if start == seg.start and length == seg.length:
+        return seg
+    offset = start - seg.start
+    piece = Segment(start, length, seg.kind, base_offset=seg.base_offset + offset)
+    if seg.kind is Kind.DIRTY:
+        # No memoryview kept: an export would forbid the bytearray to grow later.
+        piece.data, piece.data_offset = seg.data, seg.data_offset + offset
+    return piece
+
+
+def _all_zero(data: bytes | bytearray) -> bool:
+    return data.count(0) == len(data)
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 class DirtyBudget:
@@ -297,13 +414,14 @@ class WriteSession:
     # -- writing ---------------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes) -> int:
-        if self.deleted:
+        if self.deleted or not data:
             # Unlinked while open: nothing will ever be committed, so nothing is kept (and
             # the base blob is gone, so it cannot be laid out).
             return len(data)
         if not self.target_is_append or self.append_mode:
             await self.buffer.budget.wait_for_room(len(data))
         async with self.lock:
+            self._check_growth(offset + len(data), self.append_mode and offset == self.size)
             if self.append_mode and offset != self.size:
                 await self._leave_append_mode()
             if not self.append_mode:
@@ -321,8 +439,7 @@ class WriteSession:
 
     async def _write_locked(self, offset: int, data: bytes) -> None:
         if offset > self.size:
-            self.segments.append(Segment(self.size, offset - self.size, Kind.ZERO))
-            self.size = offset
+            self._grow_hole(offset)
         end = offset + len(data)
         overlap_end = min(end, self.size)
         if offset < overlap_end:
@@ -330,8 +447,20 @@ class WriteSession:
         if end > self.size:
             self._extend(data[max(0, self.size - offset):])
 
+    def _grow_hole(self, size: int) -> None:
+        """Zeros up to size: one ZERO segment, or a longer trailing one (no memory)."""
+        tail = self.segments[-1] if self.segments else None
+        if tail is not None and tail.kind is Kind.ZERO:
+            tail.length += size - self.size  # only ever read under the lock
+        else:
+            self.segments.append(Segment(self.size, size - self.size, Kind.ZERO))
+        self.size = size
+
     def _extend(self, data: bytes) -> None:
         """Append data at the end of the file, filling the tail block first."""
+        if self.segments and self.segments[-1].kind is Kind.ZERO and _all_zero(data):
+            self._grow_hole(self.size + len(data))  # e.g. posix_fallocate's emulation
+            return
         view = memoryview(data)
         while view:
             tail = self.segments[-1] if self.segments else None
@@ -367,6 +496,8 @@ class WriteSession:
                 break
             await self._commit_locked()  # makes STAGED blocks COMMITTED, hence readable
             await self._lay_out()
+        if all(s.kind is Kind.ZERO for s in touched) and _all_zero(data):
+            return  # zeros over a hole change nothing (posix_fallocate's emulation)
         replacement: list[Segment] = []
         for seg in touched:
             lo, hi = max(seg.start, offset), min(seg.end, end)
@@ -426,12 +557,12 @@ class WriteSession:
         if self.deleted:
             return
         async with self.lock:
+            self._check_growth(size)
             if size == 0:
                 self.truncate_now(0)
             elif size > self.size:
                 await self._leave_append_mode()
-                self.segments.append(Segment(self.size, size - self.size, Kind.ZERO))
-                self.size = size
+                self._grow_hole(size)
             elif size < self.size:
                 await self._leave_append_mode()
                 await self._lay_out()
@@ -452,6 +583,32 @@ class WriteSession:
             self.failed_commit = False
             self.node.size = self.size
             self.node.mtime = time.time()
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def limit(self, appending: bool = False) -> int:
+        """The largest size the file may grow to (see "Size limits" in the module notes)."""
+        if appending:
+            return MAX_APPEND_SIZE
+        limit = MAX_BLOCKS * min(self.block_size, MAX_BLOCK_BYTES)
+        if self.base is not None and not self.base.is_append:
+            limit = max(limit, self.base.size)  # committed in larger blocks elsewhere
+        return limit
+
+    def _check_growth(self, size: int, appending: bool = False) -> None:
+        """EFBIG, before anything changes, for a size the blob could never be committed at."""
+        if size <= self.size or size <= (limit := self.limit(appending)):
+            return
+        if appending:
+            why = (f"an append blob holds at most {MAX_BLOCKS:,} blocks of 4 MiB "
+                   f"({_human(limit)})")
+        elif self.block_size >= MAX_BLOCK_BYTES:
+            why = f"Azure's largest block blob is {_human(limit)}"
+        else:
+            why = (f"with block_size {_human(self.block_size)} a blob holds at most "
+                   f"{MAX_BLOCKS:,} blocks ({_human(limit)}); raise block_size (up to 4000M) "
+                   "for larger files")
+        raise FSError(errno.EFBIG, f"{self.name} cannot grow to {size:,} bytes: {why}")
 
     # -- staging ---------------------------------------------------------------------------
 
@@ -647,7 +804,8 @@ class WriteSession:
             await self.driver.delete(self.name)
             self.target_is_append = False
         dirty_only = all(s.kind in (Kind.DIRTY, Kind.ZERO) for s in self.segments)
-        if dirty_only and self.size <= SINGLE_PUT_MAX:
+        holes = sum(s.length for s in self.segments if s.kind is Kind.ZERO)
+        if dirty_only and self.size <= SINGLE_PUT_MAX and holes <= self.block_size:
             data = b"".join(
                 bytes(s.data) if s.kind is Kind.DIRTY else bytes(s.length)  # type: ignore[arg-type]
                 for s in self.segments
@@ -655,9 +813,6 @@ class WriteSession:
             return await self.driver.put(self.name, data, self.metadata, self.content_type,
                                          exclusive=self.exclusive)
         block_ids = await self._stage_all()
-        if len(block_ids) > MAX_BLOCKS:
-            raise FSError(errno.EFBIG, f"{self.name} would need {len(block_ids)} blocks "
-                          f"(Azure allows {MAX_BLOCKS}); raise block_size")
         return await self.driver.commit_blocks(self.name, block_ids, self.size, self.metadata,
                                                self.content_type, exclusive=self.exclusive)
 
@@ -672,36 +827,23 @@ class WriteSession:
                 self.segments[i] = self._add_dirty(seg.start, data)
 
     async def _stage_all(self) -> list[str]:
-        """Stage whatever is not yet a block, grouping small pieces into blocks."""
-        runs: list[list[Segment]] = []
-        plan: list[str | int] = []  # a block ID, or the index of a run to stage
-        current: list[Segment] = []
-        current_len = 0
-        for seg in self.segments:
-            if seg.kind in (Kind.COMMITTED, Kind.STAGED):
-                if current:
-                    plan.append(len(runs))
-                    runs.append(current)
-                    current, current_len = [], 0
-                plan.append(seg.block_id)
-                continue
-            for piece in self._pieces(seg):
-                if current and current_len + piece.length > self.block_size:
-                    plan.append(len(runs))
-                    runs.append(current)
-                    current, current_len = [], 0
-                current.append(piece)
-                current_len += piece.length
-        if current:
-            plan.append(len(runs))
-            runs.append(current)
+        """Stage whatever is not yet a block (see ``plan_blocks``); the zero block once."""
+        try:
+            plan, runs = plan_blocks(self.segments, self.block_size)
+        except TooManyBlocks as exc:
+            raise FSError(errno.EFBIG, f"{self.name} would need more than {MAX_BLOCKS:,} "
+                          f"blocks (Azure's limit) at {exc.size:,} bytes; raise block_size "
+                          "or write it in larger pieces") from None
         run_ids: dict[int, str] = {}
         errors: list[StorageError] = []
 
-        async def stage_run(number: int, run: list[Segment]) -> None:
+        async def stage(number: int, run: list[Segment] | None) -> None:
             async with self.buffer.upload_limiter:
                 try:
-                    data = b"".join([await self._bytes_of(piece) for piece in run])
+                    if run is None:
+                        data = bytes(self.block_size)
+                    else:
+                        data = b"".join([await self._bytes_of(piece) for piece in run])
                     block_id = self._new_block_id()
                     await self.driver.stage_block(self.name, block_id, data)
                     run_ids[number] = block_id
@@ -709,25 +851,13 @@ class WriteSession:
                     errors.append(exc)
 
         async with trio.open_nursery() as nursery:
+            if ZERO_BLOCK in plan:
+                nursery.start_soon(stage, ZERO_BLOCK, None)
             for number, run in enumerate(runs):
-                nursery.start_soon(stage_run, number, run)
+                nursery.start_soon(stage, number, run)
         if errors:
             raise errors[0]
         return [item if isinstance(item, str) else run_ids[item] for item in plan]
-
-    def _pieces(self, seg: Segment) -> list[Segment]:
-        """A segment cut into block-sized pieces (sharing, not copying, DIRTY data)."""
-        if seg.length <= self.block_size:
-            return [seg]
-        pieces = []
-        for lo in range(0, seg.length, self.block_size):
-            hi = min(lo + self.block_size, seg.length)
-            piece = Segment(seg.start + lo, hi - lo, seg.kind, base_offset=seg.base_offset + lo)
-            if seg.kind is Kind.DIRTY:
-                # No memoryview kept: an export would forbid the bytearray to grow later.
-                piece.data, piece.data_offset = seg.data, lo
-            pieces.append(piece)
-        return pieces
 
     async def _bytes_of(self, piece: Segment) -> bytes:
         if piece.kind is Kind.DIRTY:

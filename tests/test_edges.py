@@ -1,0 +1,172 @@
+"""Hostile input through a real mount (issue 9): sizes and offsets beyond what a blob can
+hold get EFBIG at once, and a hole never costs memory in proportion to its length.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import ContainerClient
+from conftest import Mount, need
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BLOCK = 8 * MiB  # the default block_size
+
+
+def daemon_pid(mount: Mount) -> int:
+    return int(os.getxattr(mount.path, "user.azregfs.pid"))
+
+
+def vm_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def driver_stats(mount: Mount) -> dict:
+    return mount.stats()["driver"]
+
+
+def blob_props(container: ContainerClient, name: str):
+    return container.get_blob_client(name).get_blob_properties()
+
+
+# -- 1. sizes beyond what a blob can hold; holes cost no memory ------------------------------
+
+
+def test_huge_truncate_is_efbig_and_costs_nothing(mnt, container):
+    path = mnt.path / "f"
+    path.write_bytes(b"hello")
+    pid = daemon_pid(mnt)
+    before = vm_kib(pid, "VmRSS")
+    result = subprocess.run(["truncate", "-s", "999999999999999", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "too large" in result.stderr, result
+    with pytest.raises(OSError) as caught:
+        os.truncate(path, 2**62)
+    assert caught.value.errno == errno.EFBIG
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.ftruncate(fd, 50_000 * BLOCK + 1)
+        assert caught.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
+    # Nothing changed, the daemon is alive and did not grow.
+    assert path.read_bytes() == b"hello"
+    assert container.download_blob("f").readall() == b"hello"
+    assert vm_kib(pid, "VmHWM") - before < 64 * 1024
+    assert "cannot grow to 999,999,999,999,999 bytes" in mnt.log()
+    assert "raise block_size" in mnt.log()
+
+
+def test_pwrite_beyond_the_limit_is_efbig(mnt, container):
+    fd = os.open(mnt.path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for offset in (2**50, 50_000 * BLOCK):
+            with pytest.raises(OSError) as caught:
+                os.pwrite(fd, b"x", offset)
+            assert caught.value.errno == errno.EFBIG
+        os.pwrite(fd, b"ok", 0)
+    finally:
+        os.close(fd)
+    assert container.download_blob("f").readall() == b"ok"
+
+
+def test_the_last_byte_a_blob_can_hold(mount_factory, container):
+    """With 64 KiB blocks a blob holds 50,000 x 64 KiB: its last byte can be written (one
+    zero block referenced 49,999 times), the next one cannot."""
+    mnt = mount_factory(container.container_name, "-o", "block_size=64K")
+    limit = 50_000 * 64 * 1024
+    fd = os.open(mnt.path / "edge", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as caught:
+            os.pwrite(fd, b"x", limit)
+        assert caught.value.errno == errno.EFBIG
+        os.pwrite(fd, b"z", limit - 1)
+    finally:
+        os.close(fd)
+    props = blob_props(container, "edge")
+    assert props.size == limit
+    assert container.download_blob("edge", offset=limit - 3, length=3).readall() == b"\0\0z"
+    blocks, _ = container.get_blob_client("edge").get_block_list("committed")
+    assert len(blocks) == 50_000
+    assert len({block.id for block in blocks}) == 2  # the zero block, and the last one
+    assert driver_stats(mnt)["bytes_up"] <= 3 * 64 * 1024
+
+
+def test_two_gib_sparse_file_commits_within_the_budget(mnt, container):
+    path = mnt.path / "sparse"
+    pid = daemon_pid(mnt)
+    rss_before = vm_kib(pid, "VmRSS")
+    up_before = driver_stats(mnt)["bytes_up"]
+    started = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"Z", 2 * GiB - 1)
+    finally:
+        os.close(fd)
+    elapsed = time.monotonic() - started
+    stats = mnt.stats()
+    hwm = vm_kib(pid, "VmHWM")
+    up = stats["driver"]["bytes_up"] - up_before
+    print(f"2 GiB sparse: {elapsed:.2f}s, dirty_peak={stats['dirty_peak']}, "
+          f"VmRSS before={rss_before} KiB, VmHWM={hwm} KiB, bytes_up={up}, "
+          f"requests={stats['driver']['requests']}")
+    assert stats["dirty_peak"] <= BLOCK
+    assert up <= 2 * BLOCK  # one zero block and the last block, not 256 blocks
+    assert hwm - rss_before < 128 * 1024
+    assert blob_props(container, "sparse").size == 2 * GiB
+    with open(path, "rb") as reader:
+        for offset in (0, GiB - 4096, 2 * GiB - MiB):
+            reader.seek(offset)
+            chunk = reader.read(MiB)
+            expected = bytes(MiB) if offset != 2 * GiB - MiB else bytes(MiB - 1) + b"Z"
+            assert chunk == expected, offset
+    assert os.stat(path).st_size == 2 * GiB
+
+
+def test_fallocate_is_unsupported_and_posix_fallocate_makes_a_hole(mnt, container):
+    need("fallocate")
+    path = mnt.path / "alloc"
+    path.write_bytes(b"abc")
+    # pyfuse3 does not dispatch FALLOCATE: the kernel answers EOPNOTSUPP for every mode.
+    result = subprocess.run(["fallocate", "-l", "1G", str(path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "not supported" in result.stderr, result
+    # glibc then writes a zero byte every 4 KiB: that must stay a hole, not 16,384 segments.
+    up_before = driver_stats(mnt)["bytes_up"]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 16 * MiB)
+        with pytest.raises(OSError) as caught:
+            os.posix_fallocate(fd, 2**50, 4096)
+        assert caught.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == 16 * MiB
+    data = container.download_blob("alloc").readall()
+    assert data == b"abc" + bytes(16 * MiB - 3)
+    assert driver_stats(mnt)["bytes_up"] - up_before <= 2 * BLOCK
+    assert mnt.stats()["dirty_peak"] <= 64 * 1024
+
+
+def test_growing_truncate_then_write_reads_back(mnt, container):
+    path = mnt.path / "grown"
+    path.write_bytes(b"head")
+    os.truncate(path, 100 * MiB)
+    with open(path, "r+b") as handle:
+        handle.seek(50 * MiB)
+        handle.write(b"middle")
+    assert os.stat(path).st_size == 100 * MiB
+    blob = container.get_blob_client("grown")
+    assert blob.get_blob_properties().size == 100 * MiB
+    assert blob.download_blob(offset=0, length=8).readall() == b"head\0\0\0\0"
+    assert blob.download_blob(offset=50 * MiB - 2, length=10).readall() == b"\0\0middle\0\0"
+    assert blob.download_blob(offset=100 * MiB - 4, length=4).readall() == bytes(4)

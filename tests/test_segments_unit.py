@@ -1,0 +1,182 @@
+"""Pure logic, no Azure and no kernel: how a commit plans its blocks (holes cost no memory,
+one zero block is reused), the size limits (EFBIG before anything changes), and holes
+written as zeros.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import tracemalloc
+
+import pytest
+import trio
+
+from azregfs.driver import BlobInfo
+from azregfs.namespace import FSError, Node
+from azregfs.writebuffer import (
+    MAX_APPEND_SIZE,
+    MAX_BLOCKS,
+    ZERO_BLOCK,
+    Kind,
+    Segment,
+    TooManyBlocks,
+    WriteBuffer,
+    plan_blocks,
+)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+BLOCK = 8 * MiB
+
+
+def dirty(start: int, length: int) -> Segment:
+    return Segment(start, length, Kind.DIRTY, data=bytearray(b"d" * length))
+
+
+def covered(plan: list, runs: list, segments: list[Segment], block: int) -> list[tuple[int, int]]:
+    """The byte ranges the plan's blocks stand for, in order (checks each run's pieces)."""
+    committed = iter(s for s in segments if s.kind in (Kind.COMMITTED, Kind.STAGED))
+    ranges, position = [], 0
+    for item in plan:
+        if item == ZERO_BLOCK:
+            length = block
+        elif isinstance(item, str):
+            seg = next(committed)
+            assert seg.block_id == item and seg.start == position
+            length = seg.length
+        else:
+            run = runs[item]
+            assert run[0].start == position
+            for before, after in zip(run, run[1:], strict=False):
+                assert before.end == after.start
+            length = sum(piece.length for piece in run)
+            assert 0 < length <= block
+        ranges.append((position, length))
+        position += length
+    assert position == (segments[-1].end if segments else 0)
+    return ranges
+
+
+# -- the block plan ------------------------------------------------------------------------
+
+
+def test_a_two_gib_hole_is_one_zero_block_referenced_255_times():
+    segments = [Segment(0, 2 * GiB - 1, Kind.ZERO), dirty(2 * GiB - 1, 1)]
+    plan, runs = plan_blocks(segments, BLOCK)
+    assert len(plan) == 256 and plan.count(ZERO_BLOCK) == 255
+    assert len(runs) == 1 and [p.kind for p in runs[0]] == [Kind.ZERO, Kind.DIRTY]
+    covered(plan, runs, segments, BLOCK)
+
+
+def test_small_pieces_are_packed_into_full_blocks():
+    segments = [dirty(0, 100), Segment(100, 3 * BLOCK, Kind.ZERO), dirty(3 * BLOCK + 100, 1),
+                Segment(3 * BLOCK + 101, 10, Kind.COMMITTED, block_id="c1"),
+                dirty(3 * BLOCK + 111, 5)]
+    plan, runs = plan_blocks(segments, BLOCK)
+    ranges = covered(plan, runs, segments, BLOCK)
+    # [dirty 100 + zeros], 2 zero blocks, [zeros 100 + dirty 1], committed, [dirty 5]
+    assert plan.count(ZERO_BLOCK) == 2 and "c1" in plan
+    assert [length for _, length in ranges] == [BLOCK, BLOCK, BLOCK, 101, 10, 5]
+
+
+def test_random_layouts_are_covered_in_order():
+    rng = random.Random(7)
+    block = 64 * 1024
+    for _ in range(300):
+        segments, position = [], 0
+        for index in range(rng.randrange(1, 12)):
+            kind = rng.choice([Kind.ZERO, Kind.DIRTY, Kind.BASE, Kind.COMMITTED, Kind.STAGED])
+            length = rng.choice([1, 17, block - 1, block, block + 1, 5 * block + 3])
+            if kind is Kind.DIRTY:
+                seg = dirty(position, length)
+            else:
+                seg = Segment(position, length, kind, block_id=f"id{index:06d}",
+                              base_offset=position)
+            segments.append(seg)
+            position += length
+        plan, runs = plan_blocks(segments, block)
+        covered(plan, runs, segments, block)
+        for run in runs:  # DIRTY pieces point into their segment's data
+            for piece in run:
+                if piece.kind is Kind.DIRTY:
+                    assert piece.data is not None
+                    assert len(piece.data) >= piece.data_offset + piece.length
+
+
+def test_a_plan_past_the_block_limit_fails_at_once_without_memory():
+    tracemalloc.start()
+    try:
+        with pytest.raises(TooManyBlocks):
+            plan_blocks([Segment(0, 10**15, Kind.ZERO), dirty(10**15, 1)], BLOCK)
+        plan, _ = plan_blocks([Segment(0, MAX_BLOCKS * BLOCK, Kind.ZERO)], BLOCK)
+        assert len(plan) == MAX_BLOCKS
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * MiB  # a list of 50,000 references, not pieces or bytes
+    with pytest.raises(TooManyBlocks):  # many small staged blocks below the size limit
+        plan_blocks([Segment(i, 1, Kind.STAGED, block_id=f"s{i:07d}")
+                     for i in range(MAX_BLOCKS + 1)], BLOCK)
+
+
+# -- sessions: limits and holes (no driver call happens on these paths) --------------------
+
+
+def session(base: BlobInfo | None = None, block: int = BLOCK):
+    buffer = WriteBuffer(None, None, block, 32 * block)  # type: ignore[arg-type]
+    return buffer, buffer.open(Node(2, "f", False), "f", base)
+
+
+def test_limits_give_efbig_before_anything_changes():
+    async def main() -> None:
+        buffer, s = session()
+        await s.write(0, b"abc")
+        for huge in (999_999_999_999_999, MAX_BLOCKS * BLOCK + 1):
+            with pytest.raises(FSError) as caught:
+                await s.truncate(huge)
+            assert caught.value.errno == errno.EFBIG and "raise block_size" in caught.value.message
+            with pytest.raises(FSError) as caught:
+                await s.write(huge - 1, b"xy")
+            assert caught.value.errno == errno.EFBIG
+        assert s.size == 3 and len(s.segments) == 1 and buffer.budget.used == 3
+        await s.truncate(MAX_BLOCKS * BLOCK)  # exactly the limit is fine
+        assert s.size == MAX_BLOCKS * BLOCK and len(s.segments) == 2
+
+    trio.run(main)
+
+
+def test_append_blob_limit_and_foreign_larger_blobs():
+    async def main() -> None:
+        appended = BlobInfo("f", MAX_APPEND_SIZE - 10, "e", 0.0, {}, "AppendBlob")
+        _, s = session(appended)
+        await s.write(MAX_APPEND_SIZE - 10, b"0123456789")  # up to the limit: fine
+        with pytest.raises(FSError) as caught:
+            await s.write(MAX_APPEND_SIZE, b"x")
+        assert caught.value.errno == errno.EFBIG and "append blob" in caught.value.message
+        # A block blob another tool committed in larger blocks may be larger than ours.
+        foreign = BlobInfo("f", MAX_BLOCKS * BLOCK + 5, "e", 0.0, {}, "BlockBlob")
+        _, s = session(foreign)
+        assert s.limit() == MAX_BLOCKS * BLOCK + 5
+        with pytest.raises(FSError):
+            await s.truncate(MAX_BLOCKS * BLOCK + 6)
+
+    trio.run(main)
+
+
+def test_zero_writes_past_a_hole_and_into_it_stay_a_hole():
+    """glibc's posix_fallocate emulation: one zero byte every 4 KiB."""
+    async def main() -> None:
+        buffer, s = session()
+        for offset in range(4095, 64 * MiB, 4096):
+            await s.write(offset, b"\0")
+        assert s.size == 64 * MiB and [g.kind for g in s.segments] == [Kind.ZERO]
+        await s.truncate(128 * MiB)
+        for offset in range(4095, 128 * MiB, 4096):
+            await s.write(offset, b"\0")
+        assert len(s.segments) == 1 and buffer.budget.peak == 0
+        await s.write(2 * GiB - 1, b"Z")
+        assert [g.kind for g in s.segments] == [Kind.ZERO, Kind.DIRTY]
+        assert buffer.budget.used == 1
+
+    trio.run(main)
