@@ -179,6 +179,8 @@ class Namespace:
         if entry.is_dir:
             node.marker = entry.info is not None
             if entry.info is not None:
+                # The marker keeps the directory's mode, owner and times (chmod, chown, utime).
+                node.metadata = dict(entry.info.metadata)
                 node.mtime = _mtime(entry.info)
             node.checked_at = time.monotonic()
         elif entry.info is not None:
@@ -471,9 +473,12 @@ class Namespace:
             return  # a cached listing with entries: our own removals are patched into it
         if await self.driver.has_children(self.dir_prefix(path)):
             return
-        await self.driver.put(self.blob_name(path), b"", {MARKER_KEY: "true"})
+        # The mode, owner and times set on it while it had children go into the marker.
+        metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
+        info = await self.driver.put(self.blob_name(path), b"", metadata)
         if node is not None:
             node.marker = True
+        self.note(path, Entry(True, info))
 
 
 def _int(value: str | None, default: int, base: int = 10) -> int:

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -191,15 +191,42 @@ class Operations(pyfuse3.Operations):
             if "mtime" in changes:
                 node.mtime = float(changes["mtime"])  # the reply's attributes show it
             return
-        if node.is_dir and not node.marker:
-            node.metadata.update(changes)  # an implicit directory has no blob to keep them
+        name = self.ns.blob_name(node.path)
+        info = await self.driver.head(name) if not node.is_dir or node.marker else None
+        if node.is_dir and info is not None and info.is_marker:
+            # Set Blob Metadata replaces every key: the marker must keep hdi_isfolder (and
+            # other tools' keys), or the directory turns into an empty file.
+            try:
+                await self._replace_metadata(node, info, changes)
+                return
+            except StorageError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise  # ENOENT: a child removed the marker meanwhile
+        if node.is_dir:
+            # An implicit directory has no blob to keep them: they last while the node does.
+            node.marker = False
+            node.metadata.update(changes)
+            if "mtime" in changes:
+                node.mtime = float(changes["mtime"])
             return
-        await self.ns.refresh(node, 0)
-        metadata = {**node.metadata, **changes}
-        node.etag = await self.driver.set_metadata(self.ns.blob_name(node.path), metadata)
-        node.metadata = metadata
+        if info is None or info.is_marker:
+            raise FSError(errno.ENOENT)
+        await self._replace_metadata(node, info, changes)
+
+    async def _replace_metadata(self, node: Node, info: BlobInfo, changes: dict[str, str]) -> None:
+        """Set changes on top of the blob's current metadata (info, just read), so the keys
+        azregfs does not own survive (content type and data are left alone by Azure)."""
+        metadata = {**info.metadata, **changes}
+        etag = await self.driver.set_metadata(info.name, metadata)
+        info = replace(info, etag=etag, metadata=metadata, mtime=time.time())
+        if node.is_dir:
+            node.metadata = dict(metadata)
+            node.etag = etag
+        else:
+            node.absorb(info)
         if "mtime" in changes:
-            node.mtime = float(changes["mtime"])
+            node.mtime = float(changes["mtime"])  # the reply's attributes show it
+        self.ns.note(node.path, Entry(node.is_dir, info))  # no cached listing undoes it
 
     def _base(self, node: Node) -> BlobInfo | None:
         if self.ns.is_pending(node.path) or not node.etag:
@@ -335,9 +362,13 @@ class Operations(pyfuse3.Operations):
         path = self.ns.child_name(parent, name)
         if await self.ns.resolve(path, just_looked_up=True) is not None:
             raise FSError(errno.EEXIST)
-        marker = await self.driver.put(self.ns.blob_name(path), b"", {MARKER_KEY: "true"})
+        metadata = {MARKER_KEY: "true"}
+        if stat.S_IMODE(mode) != 0o777 & ~self.cfg.umask:
+            metadata["mode"] = f"{stat.S_IMODE(mode):o}"  # mkdir -m 700, as create() does
+        marker = await self.driver.put(self.ns.blob_name(path), b"", metadata)
         node = self.ns.node_for(path, True)
         node.marker = True
+        node.metadata = dict(metadata)
         node.lookups += 1
         self.ns.note(path, Entry(True, marker))
         self.ns.listings[path] = {}  # new and empty: lookups inside need not ask Azure

@@ -1,17 +1,19 @@
-"""Hostile input through a real mount (issue 9): sizes and offsets beyond what a blob can
-hold get EFBIG at once, and a hole never costs memory in proportion to its length.
+"""Hostile input through a real mount (issue 9): sizes beyond what a blob can hold (EFBIG,
+never memory proportional to a hole), and attribute changes that must keep the metadata keys
+azregfs does not own.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from azure.storage.blob import ContainerClient
+from azure.storage.blob import ContainerClient, ContentSettings
 from conftest import Mount, need
 
 MiB = 1024 * 1024
@@ -170,3 +172,145 @@ def test_growing_truncate_then_write_reads_back(mnt, container):
     assert blob.download_blob(offset=0, length=8).readall() == b"head\0\0\0\0"
     assert blob.download_blob(offset=50 * MiB - 2, length=10).readall() == b"\0\0middle\0\0"
     assert blob.download_blob(offset=100 * MiB - 4, length=4).readall() == bytes(4)
+
+
+# -- 2. attribute changes keep the metadata keys azregfs does not own ------------------------
+
+
+def check_dir_attrs(path: Path, mode: int, uid: int, gid: int, mtime: float | None) -> None:
+    info = os.stat(path)
+    assert stat.S_ISDIR(info.st_mode), f"{path} is not a directory: {oct(info.st_mode)}"
+    assert stat.S_IMODE(info.st_mode) == mode, oct(info.st_mode)
+    assert (info.st_uid, info.st_gid) == (uid, gid)
+    if mtime is not None:
+        assert abs(info.st_mtime - mtime) < 1e-3
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory: whatever azregfs still holds about it reaches Azure."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def change_attrs(path: Path, mode: int, stamp: float) -> None:
+    os.chown(path, 1000, 1000)
+    os.chmod(path, mode)
+    os.utime(path, (stamp, stamp))
+
+
+def test_attributes_of_an_empty_directory_keep_it_a_directory(mount_factory, container):
+    name = container.container_name
+    mnt = mount_factory(name)
+    (mnt.path / "d").mkdir()
+    (mnt.path / "t").mkdir()
+    stamp = 1_600_000_000.5
+    change_attrs(mnt.path / "d", 0o700, stamp)
+    subprocess.run(["touch", str(mnt.path / "t")], check=True)
+    subprocess.run(["chown", "1000:1000", str(mnt.path / "t")], check=True)
+    check_dir_attrs(mnt.path / "d", 0o700, 1000, 1000, stamp)
+    time.sleep(1.5)  # past the attribute and listing timeouts
+    listing = subprocess.run(["ls", "-la", str(mnt.path)], capture_output=True, text=True,
+                             check=True).stdout
+    assert [line[0] for line in listing.splitlines() if line.endswith((" d", " t"))] == ["d", "d"]
+    check_dir_attrs(mnt.path / "d", 0o700, 1000, 1000, stamp)
+    for marker in ("d", "t"):
+        sync_dir(mnt.path / marker)
+        meta = blob_props(container, marker).metadata
+        assert meta["hdi_isfolder"] == "true" and meta["uid"] == "1000", meta
+    assert blob_props(container, "d").metadata["mode"] == "700"
+    mnt.unmount()
+    mnt = mount_factory(name, name="again")
+    check_dir_attrs(mnt.path / "d", 0o700, 1000, 1000, stamp)
+    assert os.path.isdir(mnt.path / "t") and os.stat(mnt.path / "t").st_uid == 1000
+    (mnt.path / "d" / "child").write_bytes(b"x")  # the marker goes, the directory stays
+    assert os.listdir(mnt.path / "d") == ["child"]
+
+
+def test_attributes_of_directories_with_children(mount_factory, container):
+    name = container.container_name
+    # A directory another tool made with a marker it keeps, and keys of its own.
+    container.upload_blob("tool", b"", metadata={"hdi_isfolder": "true", "owner": "tool"})
+    container.upload_blob("tool/child", b"c")
+    mnt = mount_factory(name)
+    (mnt.path / "mine").mkdir()
+    (mnt.path / "mine" / "child").write_bytes(b"m")  # the marker is removed
+    stamp = 1_600_000_123.25
+    for directory in ("tool", "mine"):
+        change_attrs(mnt.path / directory, 0o750, stamp)
+        check_dir_attrs(mnt.path / directory, 0o750, 1000, 1000, stamp)
+    time.sleep(1.5)
+    for directory in ("tool", "mine"):
+        check_dir_attrs(mnt.path / directory, 0o750, 1000, 1000, stamp)
+        assert os.listdir(mnt.path / directory) == ["child"]
+    meta = blob_props(container, "tool").metadata
+    assert meta["hdi_isfolder"] == "true" and meta["owner"] == "tool" and meta["mode"] == "750"
+    assert not container.get_blob_client("mine").exists()  # implicit: no blob for its attributes
+    mnt.unmount()
+    mnt = mount_factory(name, name="again")
+    check_dir_attrs(mnt.path / "tool", 0o750, 1000, 1000, stamp)
+    assert os.listdir(mnt.path / "tool") == ["child"]
+    # An implicit directory's attributes lived in memory only (README): defaults again.
+    check_dir_attrs(mnt.path / "mine", 0o755, os.getuid(), os.getgid(), None)
+    assert os.listdir(mnt.path / "mine") == ["child"]
+
+
+def test_mkdir_mode_and_an_emptied_directory_keep_their_attributes(mnt, container):
+    os.mkdir(mnt.path / "private", 0o700)
+    sync_dir(mnt.path / "private")
+    assert blob_props(container, "private").metadata["mode"] == "700"
+    (mnt.path / "busy").mkdir()
+    (mnt.path / "busy" / "f").write_bytes(b"x")
+    os.chmod(mnt.path / "busy", 0o711)
+    os.unlink(mnt.path / "busy" / "f")  # the last child goes: a marker keeps it, and its mode
+    sync_dir(mnt.path / "busy")
+    meta = blob_props(container, "busy").metadata
+    assert meta["hdi_isfolder"] == "true" and meta["mode"] == "711", meta
+    check_dir_attrs(mnt.path / "busy", 0o711, os.getuid(), os.getgid(), None)
+
+
+def test_attributes_of_files_written_by_other_tools(mount_factory, container):
+    name = container.container_name
+    settings = ContentSettings(content_type="application/x-tool")
+    container.upload_blob("block", b"block data", metadata={"tool": "k1"},
+                          content_settings=settings)
+    appended = container.get_blob_client("append")
+    appended.create_append_blob(metadata={"tool": "k2"}, content_settings=settings)
+    appended.append_block(b"append data")
+    mnt = mount_factory(name)
+    stamp = 1_600_000_456.75
+    for file in ("block", "append"):
+        change_attrs(mnt.path / file, 0o640, stamp)
+
+    def check(file: str, size: int, key: str, *, mtime: bool = True) -> None:
+        info = os.stat(mnt.path / file)
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o640
+        assert (info.st_uid, info.st_gid, info.st_size) == (1000, 1000, size)
+        if mtime:
+            assert abs(info.st_mtime - stamp) < 1e-3
+        props = blob_props(container, file)
+        assert props.metadata["tool"] == key and props.metadata["mode"] == "640", props.metadata
+        assert props.content_settings.content_type == "application/x-tool"
+
+    check("block", 10, "k1")
+    check("append", 11, "k2")
+    mnt.unmount()
+    mnt = mount_factory(name, name="again")
+    check("block", 10, "k1")
+    check("append", 11, "k2")
+    # Commits and rewrites keep them too: an append, a rewrite (O_TRUNC), a truncate.
+    with open(mnt.path / "block", "ab") as handle:
+        handle.write(b"+more")
+    check("block", 15, "k1", mtime=False)
+    with open(mnt.path / "append", "ab") as handle:
+        handle.write(b"+more")
+    check("append", 16, "k2", mtime=False)
+    assert blob_props(container, "append").blob_type == "AppendBlob"
+    (mnt.path / "append").write_bytes(b"rewritten")  # becomes a block blob
+    check("append", 9, "k2", mtime=False)
+    os.truncate(mnt.path / "block", 3)
+    check("block", 3, "k1", mtime=False)
+    os.rename(mnt.path / "block", mnt.path / "moved")
+    check("moved", 3, "k1", mtime=False)
