@@ -11,6 +11,13 @@ Invariants:
 - Names the tree cannot show (empty segments, trailing '/', '.' or '..') are skipped from
   listings with one warning each.
 - Files created but not yet committed exist only here (``pending``): listings merge them in.
+- Our own changes reach a cached listing at once (``note``), including one still being
+  fetched: every fetch in flight for a directory records the changes noted meanwhile and
+  applies them to what Azure returned before it is cached, since the LIST may have been
+  answered before or after the change landed. A whole-directory change (``changed``) while a
+  fetch is in flight makes the fetch start again (at most twice more; the last result is
+  returned but not cached). So a file closed on this mount is in the next readdir here,
+  whatever listing was in flight when it committed.
 
 Code between two ``await``s is atomic (trio): the tables are only mutated synchronously.
 """
@@ -21,7 +28,7 @@ import errno
 import logging
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import cachetools
@@ -82,6 +89,14 @@ class Entry:
     info: BlobInfo | None  # the file's blob, a directory's marker, or None (implicit dir)
 
 
+@dataclass
+class _Fetch:
+    """A listing being fetched: our changes to its directory since the fetch began."""
+
+    changes: dict[str, Entry | None] = field(default_factory=dict)  # name -> entry, or gone
+    invalidated: bool = False
+
+
 def _mtime(info: BlobInfo) -> float:
     try:
         return float(info.metadata.get("mtime", "")) or info.mtime
@@ -124,6 +139,7 @@ class Namespace:
         # after its failed lookup need not ask again. Never used to answer a lookup.
         self.absent: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=4096, ttl=1.0)
         self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
+        self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
 
     # -- names -----------------------------------------------------------------------------
 
@@ -323,14 +339,40 @@ class Namespace:
         """Every name in a directory, from the cache when fresh; pending files merged in."""
         entries = self.listings.get(directory.path)
         if entries is None:
-            entries = await self._list(directory.path)
-            self.listings[directory.path] = entries
+            entries = await self._fetched(directory.path, self._list)
+            assert entries is not None
         pending = self.pending.get(directory.path)
         if pending:
             entries = dict(entries)
             for name in pending:
                 entries.setdefault(name, Entry(False, None))
         return entries
+
+    async def _fetched(self, path: str, fetch: Callable[[str], Awaitable[dict[str, Entry] | None]],
+                       attempts: int = 3) -> dict[str, Entry] | None:
+        """Run a listing fetch, patch in our changes noted while it ran, and cache it."""
+        entries: dict[str, Entry] | None = None
+        for _ in range(attempts):
+            record = _Fetch()
+            self.fetching.setdefault(path, []).append(record)
+            try:
+                entries = await fetch(path)
+            finally:
+                records = self.fetching[path]
+                records.remove(record)
+                if not records:
+                    del self.fetching[path]
+            if entries is None:
+                return None
+            for name, entry in record.changes.items():
+                if entry is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = entry
+            if not record.invalidated:
+                self.listings[path] = entries
+                return entries
+        return entries  # changed all along: right for this caller, not worth keeping
 
     async def _list(self, path: str) -> dict[str, Entry]:
         entries: dict[str, Entry] = {}
@@ -347,6 +389,9 @@ class Namespace:
         A name that is not a blob costs a LIST anyway; listing its small parent instead
         answers the next lookups there too (a registry creates files in fresh small
         directories), while a huge directory is never listed just to miss one name."""
+        return await self._fetched(path, self._small_page)
+
+    async def _small_page(self, path: str) -> dict[str, Entry] | None:
         try:
             page = await self.driver.list_level_small(self.dir_prefix(path), SMALL_LISTING)
         except StorageError as exc:
@@ -356,7 +401,6 @@ class Namespace:
             return None
         entries: dict[str, Entry] = {}
         self._add_page(path, entries, *page)
-        self.listings[path] = entries
         self.small_dirs[path] = True
         return entries
 
@@ -386,15 +430,20 @@ class Namespace:
     # -- changes made through this mount ---------------------------------------------------
 
     def changed(self, *dir_paths: str) -> None:
-        """Our own change to these directories: drop their cached listings."""
+        """Our own change to these directories: drop their cached listings (and those being
+        fetched: they fetch again)."""
         for path in dir_paths:
             self.listings.pop(path, None)
+            for record in self.fetching.get(path, ()):
+                record.invalidated = True
 
     def note(self, path: str, entry: Entry | None) -> None:
         """Our own change to one name: patch the parent's cached listing in place (its
         lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
         self.absent.pop(path, None)
         parent, _, name = path.rpartition("/")
+        for record in self.fetching.get(parent, ()):
+            record.changes[name] = entry
         listing = self.listings.get(parent)
         if listing is None:
             return

@@ -1,11 +1,13 @@
-"""Hostile input through a real mount (issue 9): sizes beyond what a blob can hold (EFBIG,
-never memory proportional to a hole), and attribute changes that must keep the metadata keys
-azregfs does not own.
+"""Hostile input and races through a real mount (issue 9): sizes beyond what a blob can
+hold (EFBIG, never memory proportional to a hole), attribute changes that must keep the
+metadata keys azregfs does not own, and a file closed on this mount missing from a listing
+that was in flight.
 """
 
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import stat
 import subprocess
@@ -314,3 +316,43 @@ def test_attributes_of_files_written_by_other_tools(mount_factory, container):
     check("block", 3, "k1", mtime=False)
     os.rename(mnt.path / "block", mnt.path / "moved")
     check("moved", 3, "k1", mtime=False)
+
+
+# -- 3. a file closed on this mount is in the next listing here ------------------------------
+
+WRITERS = 4
+FILES_EACH = 40
+
+
+def create_and_list(directory: str, index: int, barrier, results) -> None:
+    try:
+        for number in range(FILES_EACH):
+            with open(os.path.join(directory, f"p{index}-{number:03d}"), "wb") as handle:
+                handle.write(b"%d" % number)
+        barrier.wait(timeout=120)
+        results.put((index, sorted(os.listdir(directory))))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put((index, repr(exc)))
+
+
+def test_files_closed_by_other_processes_are_listed_at_once(mnt, container):
+    context = multiprocessing.get_context("fork")
+    expected = sorted(["seed"] + [f"p{i}-{n:03d}" for i in range(WRITERS)
+                                  for n in range(FILES_EACH)])
+    for attempt in range(6):
+        # Made by another client: this mount knows nothing of it and lists it from Azure.
+        container.upload_blob(f"dir{attempt}/seed", b"s")
+        directory = mnt.path / f"dir{attempt}"
+        barrier = context.Barrier(WRITERS)
+        results = context.Queue()
+        workers = [context.Process(target=create_and_list,
+                                   args=(str(directory), i, barrier, results))
+                   for i in range(WRITERS)]
+        for worker in workers:
+            worker.start()
+        answers = [results.get(timeout=180) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=30)
+        for index, names in answers:
+            assert names == expected, (attempt, index, sorted(set(expected) - set(names))
+                                       if isinstance(names, list) else names)

@@ -1,6 +1,6 @@
 """Pure logic, no Azure and no kernel: how a commit plans its blocks (holes cost no memory,
-one zero block is reused), the size limits (EFBIG before anything changes), and holes
-written as zeros.
+one zero block is reused), the size limits (EFBIG before anything changes), holes written as
+zeros, and a listing fetched while this mount changed its directory.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import tracemalloc
 import pytest
 import trio
 
+from azregfs.config import Config
 from azregfs.driver import BlobInfo
-from azregfs.namespace import FSError, Node
+from azregfs.namespace import Entry, FSError, Namespace, Node
 from azregfs.writebuffer import (
     MAX_APPEND_SIZE,
     MAX_BLOCKS,
@@ -178,5 +179,62 @@ def test_zero_writes_past_a_hole_and_into_it_stay_a_hole():
         await s.write(2 * GiB - 1, b"Z")
         assert [g.kind for g in s.segments] == [Kind.ZERO, Kind.DIRTY]
         assert buffer.budget.used == 1
+
+    trio.run(main)
+
+
+# -- a listing fetched while this mount changed the directory ------------------------------
+
+
+class SlowListing:
+    """A driver whose LIST waits for the test to let it answer (with what it had)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.release = trio.Event()
+        self.started = trio.Event()
+        self.lists = 0
+
+    async def list_level(self, prefix: str):
+        self.lists += 1
+        answer = [BlobInfo(prefix + name, 1, "e", 0.0) for name in self.names]
+        self.started.set()
+        await self.release.wait()
+        yield answer, []
+
+
+def test_changes_noted_while_a_listing_is_fetched_are_applied():
+    async def main() -> None:
+        driver = SlowListing(["a", "gone"])
+        ns = Namespace(Config(), driver)  # type: ignore[arg-type]
+        directory = ns.by_path[""]
+        result = {}
+        async with trio.open_nursery() as nursery:
+            async def fetch() -> None:
+                result["listing"] = await ns.listing(directory)
+            nursery.start_soon(fetch)
+            await driver.started.wait()
+            # Committed and deleted on this mount while the LIST was in flight.
+            ns.note("new", Entry(False, BlobInfo("new", 3, "e2", 0.0)))
+            ns.note("gone", None)
+            driver.release.set()
+        assert sorted(result["listing"]) == ["a", "new"]
+        assert sorted(ns.listings[""]) == ["a", "new"]  # and cached that way
+
+    trio.run(main)
+
+
+def test_a_directory_changed_while_listed_is_listed_again():
+    async def main() -> None:
+        driver = SlowListing(["a"])
+        ns = Namespace(Config(), driver)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ns.listing, ns.by_path[""])
+            await driver.started.wait()
+            ns.changed("")  # e.g. a rename: the answer in flight cannot be patched
+            driver.names = ["a", "b"]
+            driver.release.set()
+        assert driver.lists == 2 and sorted(ns.listings[""]) == ["a", "b"]
+        assert not ns.fetching
 
     trio.run(main)
