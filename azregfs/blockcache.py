@@ -21,6 +21,12 @@ Invariants:
 - Disk files are written to a temporary name and renamed into place, carry their length and
   CRC32 in a header, and are checked when read: a crash or a torn write costs a miss, never
   wrong bytes.
+- Pins: a version (name, ETag) no larger than ``whole_max`` (min(read_ahead, 8 MiB)) can be
+  held whole for open handles (``pin``/``unpin``, counted per holder), fetched in one ranged
+  GET of the blocks not already held, so a reader keeps one version even after the blob is
+  replaced or deleted. Pinned blocks are the cache's own objects (shared, not copied);
+  what the LRU has evicted but a pin keeps is bounded by ``pin_budget`` (cache_size / 4).
+  A pin that does not fit is refused and the handle reads by ETag as before.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from .driver import Driver
 log = logging.getLogger(__name__)
 
 RANDOM_ALIGN = 4096
+WHOLE_READ_MAX = 8 * 1024 * 1024  # the largest version a handle fetches whole (pins)
 Key = tuple[str, str, int]
 
 
@@ -90,6 +97,13 @@ class _Blocks(cachetools.LRUCache):
     def popitem(self):  # type: ignore[override]
         self._stats.evictions += 1
         return super().popitem()
+
+
+@dataclass
+class _Pin:
+    blocks: list[bytes]
+    size: int
+    holders: int = 0
 
 
 @dataclass
@@ -321,6 +335,10 @@ class BlockCache:
         self._inflight: dict[Key, _Download] = {}
         self._prefetch_limiter = trio.CapacityLimiter(concurrency)
         self._nursery: trio.Nursery | None = None
+        self.whole_max = min(self.read_ahead, WHOLE_READ_MAX)
+        self.pin_budget = capacity // 4
+        self.pinned_bytes = 0
+        self.pins: dict[tuple[str, str], _Pin] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -357,6 +375,9 @@ class BlockCache:
         end = min(offset + size, blob_size)
         if offset >= end:
             return b""
+        pin = self.pins.get((name, etag))
+        if pin is not None:
+            return self._from_blocks(pin.blocks, offset, end)
         sequential = stream.observe(offset, size) if stream else True
         first = offset // self.block_size
         last = (end - 1) // self.block_size
@@ -370,6 +391,52 @@ class BlockCache:
             start = index * self.block_size
             parts.append(block[max(offset - start, 0):end - start])
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _from_blocks(self, blocks: list[bytes], offset: int, end: int) -> bytes:
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        parts = []
+        for index in range(first, last + 1):
+            start = index * self.block_size
+            parts.append(blocks[index][max(offset - start, 0):end - start])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- pins: whole versions held for open handles ----------------------------------------
+
+    async def pin(self, name: str, etag: str, size: int) -> bool:
+        """Hold version `etag` of `name` (size bytes) whole until unpin: True if it is held.
+
+        Raises StorageError (ESTALE when that version is gone) like a read."""
+        key = (name, etag)
+        pin = self.pins.get(key)
+        if pin is None:
+            if not 0 < size <= self.whole_max or self.pinned_bytes + size > self.pin_budget:
+                return False
+            blocks = await self._whole(name, etag, size)
+            pin = self.pins.get(key)  # another reader may have pinned it meanwhile
+            if pin is None:
+                if self.pinned_bytes + size > self.pin_budget:
+                    return False
+                pin = self.pins[key] = _Pin(blocks, size)
+                self.pinned_bytes += size
+        pin.holders += 1
+        return True
+
+    def unpin(self, name: str, etag: str) -> None:
+        pin = self.pins.get((name, etag))
+        if pin is None:
+            return
+        pin.holders -= 1
+        if pin.holders <= 0:
+            del self.pins[(name, etag)]
+            self.pinned_bytes -= pin.size
+
+    async def _whole(self, name: str, etag: str, size: int) -> list[bytes]:
+        """Every block of one version: those nobody holds in one ranged GET, then all."""
+        count = -(-size // self.block_size)
+        missing = [i for i in range(count) if not self._held((name, etag, i))]
+        if len(missing) > 1:
+            await self._fetch_run(name, etag, size, missing)
+        return [await self.block(name, etag, size, index) for index in range(count)]
 
     async def _direct(self, name: str, etag: str, blob_size: int, offset: int, end: int) -> bytes:
         """A random read: just the aligned range, not cached (a ranged GET, as the SDK)."""

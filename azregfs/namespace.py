@@ -70,6 +70,12 @@ class Node:
     opens: int = 0
     writing: bool = False  # a write session owns size/mtime; never refreshed from Azure
     checked_at: float = 0.0  # monotonic time the attributes were last read from Azure
+    former: str = ""  # replaced (renamed over) or deleted: the path it had
+
+    @property
+    def gone(self) -> bool:
+        """Its name now belongs to another node, or to nothing (an inode the kernel holds)."""
+        return self.path.startswith("\0")
 
     def absorb(self, info: BlobInfo) -> None:
         self.size = info.size
@@ -265,6 +271,8 @@ class Namespace:
         """Re-read a file's attributes from Azure if older than max_age seconds."""
         if node.is_dir or node.writing or time.monotonic() - node.checked_at < max_age:
             return
+        if node.gone:
+            return  # no blob has its name: what we last knew stays true for open handles
         if self.is_pending(node.path):
             return
         info = await self._head(node.path)
@@ -474,6 +482,7 @@ class Namespace:
         victim = self.by_path.get(new_path)
         if victim is not None and victim is not node:
             del self.by_path[new_path]
+            victim.former = new_path
             victim.path = f"\0moved-away/{victim.inode}"  # keeps its inode until forgotten
             self.by_path[victim.path] = victim
         moves = [node]
@@ -494,6 +503,7 @@ class Namespace:
         node = self.by_path.get(path)
         if node is not None:
             del self.by_path[path]
+            node.former = path
             node.path = f"\0deleted/{node.inode}"
             self.by_path[node.path] = node
         self.clear_pending(path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .blockcache import BlockCache, ReadStream
 from .config import Config
@@ -82,6 +83,13 @@ class Handle:
     size: int
     session: WriteSession | None
     stream: ReadStream
+    # A small file is fetched whole at its first read and held (pinned) for the handle, so
+    # the handle serves one version even when the blob is replaced; set once tried.
+    pinning: trio.Event | None = None
+    pinned: tuple[str, str] | None = None  # the (name, ETag) held in the cache
+    # Opened while a rename replaced its file (direct I/O, so the kernel does not cut reads
+    # at the size it knew): it may take the new version, whatever its size.
+    follow: bool = False
 
 
 @dataclass
@@ -106,6 +114,7 @@ class Operations(pyfuse3.Operations):
         self.dir_handles: dict[int, DirHandle] = {}
         self.next_fh = 1
         self.seen_etag: dict[int, str] = {}  # inode -> ETag of its last open (keep_cache)
+        self.replacing: dict[str, int] = {}  # blob name -> renames over it in progress
         writes.on_commit = self._committed
         self.metrics = namespace.driver.metrics
         self.metrics.bind(self._live_numbers)
@@ -241,11 +250,16 @@ class Operations(pyfuse3.Operations):
         node = self.ns.get(inode)
         if node.is_dir:
             raise FSError(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if node.gone and writing:
+            # Opened as another rename or unlink took its name: there is no blob to write.
+            raise FSError(errno.ESTALE, f"{node.former} was replaced or removed while being "
+                          "opened; open it again")
         await self.ns.refresh(node, self.cfg.revalidate_window)
         keep_cache = self.seen_etag.get(inode) == node.etag and not node.writing
         self.seen_etag[inode] = node.etag
         session = None
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+        if writing:
             session = self.writes.open(node, self.ns.blob_name(node.path), self._base(node),
                                        truncate=bool(flags & os.O_TRUNC))
             keep_cache = keep_cache and not flags & os.O_TRUNC
@@ -254,10 +268,15 @@ class Operations(pyfuse3.Operations):
     def _open_handle(self, node: Node, session: WriteSession | None,
                      keep_cache: bool) -> pyfuse3.FileInfo:
         fh = self._fh()
-        self.handles[fh] = Handle(node, self.ns.blob_name(node.path), node.etag, node.size,
-                                  session, ReadStream())
+        # A node that lost its name (an open racing a rename over it) reads what its blob
+        # was: the version it knew, or the one that replaced it (see _pin).
+        name = self.ns.blob_name(node.former if node.gone else node.path)
+        handle = Handle(node, name, node.etag, node.size, session, ReadStream())
+        handle.follow = session is None and (node.gone or name in self.replacing)
+        self.handles[fh] = handle
         node.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not handle.follow,
+                                direct_io=handle.follow)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -291,6 +310,10 @@ class Operations(pyfuse3.Operations):
         session = handle.session or self.writes.session(handle.node)
         if session is not None:
             return await session.read(off, size, self.cache)
+        if handle.pinning is None:
+            await self._pin(handle)
+        else:
+            await handle.pinning.wait()  # a concurrent first read is fetching it
         try:
             return await self.cache.read(handle.name, handle.etag, handle.size, off, size,
                                          handle.stream)
@@ -299,6 +322,55 @@ class Operations(pyfuse3.Operations):
                 raise FSError(errno.ESTALE, f"{handle.name} changed since it was opened; "
                               "reopen it to read the new version") from None
             raise
+
+    async def _pin(self, handle: Handle) -> None:
+        """First read: a file up to the cache's whole_max is fetched whole and held for the
+        handle, so it keeps serving that version after the blob is replaced. Larger files
+        are read by ETag and give ESTALE if replaced mid-read (README)."""
+        handle.pinning = trio.Event()
+        try:
+            if not 0 < handle.size <= self.cache.whole_max:
+                return
+            try:
+                if await self.cache.pin(handle.name, handle.etag, handle.size):
+                    handle.pinned = (handle.name, handle.etag)
+                return
+            except StorageError as exc:
+                if exc.errno not in (errno.ESTALE, errno.ENOENT):
+                    raise
+            # Replaced between open and this first read. Nothing of the old version was
+            # served, so the handle may take the current one -- if its size is the one the
+            # kernel was given for this inode (a larger one would be cut at that size), or
+            # if the handle uses direct I/O (opened while a rename replaced the file).
+            info = await self.driver.head(handle.name)
+            if info is None or info.is_marker or (info.size != handle.size
+                                                  and not handle.follow):
+                return  # the read below reports it (ESTALE, or ENOENT when deleted)
+            log.debug("%s was replaced before its first read: reading the new version",
+                      handle.name)
+            handle.etag, handle.size = info.etag, info.size
+            node = handle.node
+            if not node.gone and not node.writing and self.ns.by_path.get(node.path) is node:
+                node.absorb(info)
+            if await self.cache.pin(handle.name, handle.etag, handle.size):
+                handle.pinned = (handle.name, handle.etag)
+        finally:
+            handle.pinning.set()
+
+    async def _hold_open_versions(self, name: str) -> None:
+        """Blob `name` is about to be replaced or deleted by this mount: descriptors open on
+        it that have not read yet take their whole version now, as a local filesystem keeps
+        an open file's data. Best effort: a failure leaves them to read by ETag."""
+        for handle in list(self.handles.values()):
+            if handle.name != name or handle.session is not None:
+                continue
+            try:
+                if handle.pinning is None:
+                    await self._pin(handle)
+                else:
+                    await handle.pinning.wait()
+            except (StorageError, FSError) as exc:
+                log.debug("could not hold %s for an open descriptor: %s", name, exc)
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -321,6 +393,8 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         handle.node.opens -= 1
+        if handle.pinned is not None:
+            self.cache.unpin(*handle.pinned)
         if handle.session is not None:
             await self.writes.close(handle.session)
             path = handle.node.path
@@ -350,6 +424,7 @@ class Operations(pyfuse3.Operations):
         if session is not None:
             session.deleted = True
         if not self.ns.is_pending(path):
+            await self._hold_open_versions(self.ns.blob_name(path))
             await self.driver.delete(self.ns.blob_name(path), missing_ok=False)
         self.ns.forget_path(path)
         self.ns.note(path, None)
@@ -419,8 +494,19 @@ class Operations(pyfuse3.Operations):
         else:
             if target is not None and target.is_dir:
                 raise FSError(errno.EISDIR)
-            await self._rename_file(old_path, new_path, entry.info,
-                                    target.info if target is not None else None)
+            victim = self.ns.by_path.get(new_path) if target is not None else None
+            replaced = self.ns.blob_name(new_path)
+            self.replacing[replaced] = self.replacing.get(replaced, 0) + 1
+            try:
+                if target is not None:
+                    await self._hold_open_versions(replaced)
+                await self._rename_file(old_path, new_path, entry.info,
+                                        target.info if target is not None else None)
+            finally:
+                self._replaced(replaced)
+            victim_session = self.writes.session(victim) if victim is not None else None
+            if victim_session is not None:
+                victim_session.deleted = True  # as unlinked: its commit must not clobber ours
         node = self.ns.by_path.get(old_path)
         if node is not None:
             self.ns.move(node, new_path)
@@ -430,6 +516,11 @@ class Operations(pyfuse3.Operations):
         self.ns.absent.pop(new_path, None)
         await self.ns.drop_markers_above(new_path)
         await self.ns.keep_directory(old_parent.path)
+
+    def _replaced(self, name: str) -> None:
+        count = self.replacing.pop(name, 1) - 1
+        if count > 0:
+            self.replacing[name] = count
 
     async def _rename_file(self, old_path: str, new_path: str, moved: BlobInfo | None = None,
                            replaced: BlobInfo | None = None) -> None:

@@ -1,7 +1,7 @@
-"""Hostile input and races through a real mount (issue 9): sizes beyond what a blob can
-hold (EFBIG, never memory proportional to a hole), attribute changes that must keep the
-metadata keys azregfs does not own, and a file closed on this mount missing from a listing
-that was in flight.
+"""Hostile input and races through a real mount (issue 9, items 1-4): sizes beyond what a blob
+can hold (EFBIG, never memory proportional to a hole), attribute changes that must keep the
+metadata keys azregfs does not own, a file closed on this mount missing from a listing that
+was in flight, and readers of a file that a writer keeps renaming new versions over.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import random
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -356,3 +358,124 @@ def test_files_closed_by_other_processes_are_listed_at_once(mnt, container):
         for index, names in answers:
             assert names == expected, (attempt, index, sorted(set(expected) - set(names))
                                        if isinstance(names, list) else names)
+
+
+# -- 4. readers of a file that a writer keeps replacing --------------------------------------
+
+SIZES = (100, 70_000, 1 * MiB, 3 * MiB)
+
+
+def version_bytes(version: int, size: int) -> bytes:
+    unit = b"<%08d>" % version
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def check_version(data: bytes, size: int) -> int:
+    assert len(data) == size, (len(data), size)
+    version = int(data[1:9])
+    assert data == version_bytes(version, size), f"torn read of a {size}-byte file"
+    return version
+
+
+def mixed_size(version: int) -> int:
+    return SIZES[version % len(SIZES)]
+
+
+def test_readers_see_whole_versions_while_a_writer_renames_over(mnt):
+    """One file per size, each replaced by versions of its size, and one file whose versions
+    change size every time: every read is one whole version, never ESTALE."""
+    targets = {f"v{size}": (lambda version, size=size: size) for size in SIZES}
+    targets["mixed"] = mixed_size
+    for target, size_of in targets.items():
+        (mnt.path / target).write_bytes(version_bytes(0, size_of(0)))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+    versions = [0]
+
+    def writer() -> None:
+        version = 0
+        try:
+            while not stop.is_set():
+                version += 1
+                for target, size_of in targets.items():
+                    tmp = mnt.path / f"{target}.{version}.tmp"
+                    tmp.write_bytes(version_bytes(version, size_of(version)))
+                    os.rename(tmp, mnt.path / target)
+                versions[0] = version
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def reader(seed: int) -> None:
+        # Pauses after open and after the first read leave the writer time to replace the
+        # file under the descriptor (a plain read() is usually done before it can).
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                for target, size_of in targets.items():
+                    with open(mnt.path / target, "rb", buffering=0) as handle:
+                        time.sleep(rng.uniform(0, 0.01))
+                        parts = [handle.read(4096)]
+                        time.sleep(rng.uniform(0, 0.02))
+                        while part := handle.read(256 * 1024):
+                            parts.append(part)
+                    data = b"".join(parts)
+                    check_version(data, size_of(int(data[1:9])))
+                    reads[0] += 1
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(i,))
+                                                   for i in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and not errors:
+        time.sleep(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    print(f"{reads[0]} whole reads, {versions[0]} versions of each file")
+    assert not errors, errors[0]
+    assert versions[0] >= 5 and reads[0] >= 50
+
+
+def test_an_open_descriptor_keeps_its_version(mnt):
+    """Opened before a rename over it (same mount), read after: the old version, whole; a
+    file larger than the whole-read bound replaced mid-read gives ESTALE (README)."""
+    small = mnt.path / "small"
+    small.write_bytes(version_bytes(1, 70_000))
+    with open(small, "rb") as opened:
+        (mnt.path / "new.tmp").write_bytes(version_bytes(2, 70_000))
+        os.rename(mnt.path / "new.tmp", small)
+        assert check_version(opened.read(), 70_000) == 1
+    with open(small, "rb") as reopened:
+        assert check_version(reopened.read(), 70_000) == 2
+    with open(small, "rb") as opened:
+        os.unlink(small)
+        assert check_version(opened.read(), 70_000) == 2  # as a local filesystem would
+
+    large = mnt.path / "large"
+    size = 12 * MiB
+    large.write_bytes(version_bytes(1, size))
+    with open(large, "rb", buffering=0) as opened:
+        first = opened.read(MiB)
+        assert first == version_bytes(1, size)[:MiB]
+        (mnt.path / "large.tmp").write_bytes(version_bytes(2, size))
+        os.rename(mnt.path / "large.tmp", large)
+        with pytest.raises(OSError) as caught:
+            opened.seek(10 * MiB)
+            opened.read(MiB)
+        assert caught.value.errno == errno.ESTALE
+
+
+def test_a_writer_renamed_over_does_not_clobber_the_new_file(mnt, container):
+    target = mnt.path / "target"
+    with open(target, "wb") as late_writer:
+        late_writer.write(b"old data, still open")
+        late_writer.flush()
+        (mnt.path / "new").write_bytes(b"new data")
+        os.rename(mnt.path / "new", target)
+        late_writer.write(b" and more")
+    assert target.read_bytes() == b"new data"
+    assert container.download_blob("target").readall() == b"new data"

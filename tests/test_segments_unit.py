@@ -1,6 +1,7 @@
 """Pure logic, no Azure and no kernel: how a commit plans its blocks (holes cost no memory,
 one zero block is reused), the size limits (EFBIG before anything changes), holes written as
-zeros, and a listing fetched while this mount changed its directory.
+zeros, a listing fetched while this mount changed its directory, and whole versions pinned
+in the block cache for readers.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import tracemalloc
 import pytest
 import trio
 
+from azregfs.blockcache import BlockCache
 from azregfs.config import Config
-from azregfs.driver import BlobInfo
+from azregfs.driver import BlobInfo, StorageError
 from azregfs.namespace import Entry, FSError, Namespace, Node
 from azregfs.writebuffer import (
     MAX_APPEND_SIZE,
@@ -236,5 +238,50 @@ def test_a_directory_changed_while_listed_is_listed_again():
             driver.release.set()
         assert driver.lists == 2 and sorted(ns.listings[""]) == ["a", "b"]
         assert not ns.fetching
+
+    trio.run(main)
+
+
+# -- whole versions pinned for readers -----------------------------------------------------
+
+
+class Versions:
+    """A driver holding one blob whose version can be replaced."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.etag, self.reads = data, "v1", 0
+
+    async def read(self, name: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        await trio.sleep(0)
+        if etag and etag != self.etag:
+            raise StorageError(errno.ESTALE, "changed")
+        self.reads += 1
+        return self.data[offset:offset + length]
+
+
+def test_a_pinned_version_outlives_its_blob():
+    async def main() -> None:
+        block = 64 * 1024
+        old = random.Random(1).randbytes(5 * block + 7)
+        driver = Versions(old)
+        cache = BlockCache(driver, block, 64 * block, 8 * block, stats_interval=0)  # type: ignore[arg-type]
+        assert cache.whole_max == 8 * block and cache.pin_budget == 16 * block
+        assert await cache.read("f", "v1", len(old), block, 10) == old[block:block + 10]
+        reads = driver.reads
+        assert await cache.pin("f", "v1", len(old))
+        assert driver.reads == reads + 1  # the blocks nobody held, in one GET
+        assert await cache.pin("f", "v1", len(old))  # a second holder shares it
+        driver.data, driver.etag = b"new", "v2"
+        cache.blocks.clear()  # even evicted from the LRU
+        assert await cache.read("f", "v1", len(old), 0, len(old)) == old
+        cache.unpin("f", "v1")
+        assert await cache.read("f", "v1", len(old), 3 * block, 5) == old[3 * block:3 * block + 5]
+        cache.unpin("f", "v1")
+        assert not cache.pins and cache.pinned_bytes == 0
+        with pytest.raises(StorageError):
+            await cache.read("f", "v1", len(old), 0, 10)
+        with pytest.raises(StorageError):
+            await cache.pin("f", "v1", len(old))
+        assert not await cache.pin("f", "v2", 9 * block)  # larger than whole_max: refused
 
     trio.run(main)
