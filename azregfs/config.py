@@ -62,7 +62,13 @@ class Config:
     dir_timeout: float = 1.0
     dir_entry_timeout: float = 10.0  # a directory's own entry; its listing has dir_timeout
     revalidate_window: float = 1.0
+    # A directory this mount made: for this long its listing is exactly what the mount put
+    # in it, so a missing name there costs no request (another host's file in that very
+    # directory shows when it ends).
+    new_dir_timeout: float = 10.0
+    marker_delay: float = 2.0  # an empty directory's marker blob is written this late
     # Data path.
+    listing_cache_size: int = 16 * MiB  # directory listings kept for dir_timeout
     block_size: int = 8 * MiB
     read_block_size: int = 1 * MiB
     dirty_budget: int = 256 * MiB
@@ -160,8 +166,8 @@ _ALIASES = {
     "createcontainer": "create_container",
     "root": "rootdirectory",
 }
-_BYTES_FIELDS = {"block_size", "read_block_size", "dirty_budget", "cache_size",
-                 "cache_dir_size", "read_ahead", "kernel_read_ahead"}
+_BYTES_FIELDS = {"listing_cache_size", "block_size", "read_block_size", "dirty_budget",
+                 "cache_size", "cache_dir_size", "read_ahead", "kernel_read_ahead"}
 
 
 def parse_size(text: str | int) -> int:

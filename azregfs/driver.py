@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import requests
 import trio
@@ -233,6 +234,22 @@ def _credential(cfg: Config) -> Any:
     return None  # anonymous (public container)
 
 
+def sas_refuses_writes(cfg: Config) -> bool:
+    """A SAS whose permissions (sp=) allow neither write nor create: every write would get
+    403, so operations that would otherwise defer their request can refuse at once."""
+    token = cfg.sas_token
+    if not token and cfg.connection_string:
+        parts = dict(item.split("=", 1) for item in cfg.connection_string.split(";")
+                     if "=" in item)
+        if parts.get("AccountKey"):
+            return False
+        token = parts.get("SharedAccessSignature", "")
+    if not token or cfg.accountkey or cfg.credentials.type:
+        return False
+    permissions = parse_qs(token.lstrip("?")).get("sp", [""])[0]
+    return bool(permissions) and not set(permissions) & {"w", "c"}
+
+
 def _probe_container(client: ContainerClient) -> None:
     """Get Container Properties; failing that with 403, list one blob: a container SAS can
     never read container properties, yet with list permission it serves a mount."""
@@ -308,6 +325,7 @@ class Driver:
                                                 metrics=self.metrics,
                                                 concurrency=self.concurrency)
         self.limiter = trio.CapacityLimiter(cfg.max_concurrency)
+        self.writes_refused = sas_refuses_writes(cfg)
 
     def close(self) -> None:
         self.container.close()

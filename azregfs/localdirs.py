@@ -95,6 +95,13 @@ class LocalDirs(Generic[E]):
         """A directory that exists here though Azure may show nothing for it."""
         return path in self._unmarked
 
+    def unmarked_children(self, path: str) -> list[str]:
+        """Names of the unmarked directories directly in path (listings must show them:
+        Azure does not)."""
+        prefix = path + "/" if path else ""
+        return [p[len(prefix):] for p in self._unmarked
+                if p.startswith(prefix) and "/" not in p[len(prefix):]]
+
     def emptied(self, path: str, now: float) -> None:
         """Our unlink/rename/rmdir may have taken the last blob under path."""
         if path and path not in self._unmarked:
@@ -112,6 +119,18 @@ class LocalDirs(Generic[E]):
         for table in (self._unmarked, self._created):
             for known in [p for p in table if _under(p, path)]:
                 del table[known]
+
+    def moved(self, old: str, new: str, now: float) -> None:
+        """A directory renamed: its unmarked directories follow it (no blob moved for
+        them); what this mount made under either name is no longer known exactly."""
+        moving = [p for p in self._unmarked if _under(p, old)]
+        for path in moving:
+            del self._unmarked[path]
+        self.removed(new)
+        for path in moving:
+            self._unmarked[new + path[len(old):]] = now + self.marker_delay
+        for known in [p for p in self._created if _under(p, old)]:
+            del self._created[known]
 
     def due(self, now: float, under: str | None = None) -> list[str]:
         """Unmarked leaves whose marker is due now (all of them `under` a path, for fsyncdir

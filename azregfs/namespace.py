@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 
 import cachetools
 import pyfuse3
+import trio
 
 from .config import Config
 from .driver import MARKER_KEY, MAX_NAME, BlobInfo, Driver, StorageError
+from .localdirs import LocalDirs
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,25 @@ class Entry:
 
 
 @dataclass
+class _Flight:
+    """One question to Azure about a path, which concurrent lookups of it share."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    entry: Entry | None = None
+    error: BaseException | None = None
+
+
+@dataclass
 class _Fetch:
     """A listing being fetched: our changes to its directory since the fetch began."""
 
     changes: dict[str, Entry | None] = field(default_factory=dict)  # name -> entry, or gone
     invalidated: bool = False
+
+
+def _listing_bytes(entries: dict[str, Entry]) -> int:
+    """A listing's memory, estimated: names, entries and their blob properties."""
+    return 256 + sum(600 + 2 * len(name) for name in entries)
 
 
 def _mtime(info: BlobInfo) -> float:
@@ -135,9 +151,16 @@ class Namespace:
         self.nodes: dict[int, Node] = {ROOT_INODE: root}
         self.by_path: dict[str, Node] = {"": root}
         self.next_inode = ROOT_INODE + 1
+        # Bounded in (estimated) bytes: one flat listing may fill many directories at once.
         self.listings: cachetools.TTLCache[str, dict[str, Entry]] = cachetools.TTLCache(
-            maxsize=64, ttl=max(cfg.dir_timeout, 0.001)
+            maxsize=cfg.listing_cache_size, ttl=max(cfg.dir_timeout, 0.001),
+            getsizeof=_listing_bytes,
         )
+        # Directories whose subtree was too big for one flat page: not tried again soon.
+        self.big_subtrees: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            maxsize=4096, ttl=300)
+        self.generation = 0  # bumped by each change we note: a flat fetch checks it
+        self._asking: dict[str, _Flight] = {}  # path -> the lookup asking Azure about it
         self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
         # Directories whose last listing fit in one small page: lookups there list them.
         self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
@@ -146,6 +169,9 @@ class Namespace:
         self.absent: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=4096, ttl=1.0)
         self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
         self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
+        # Directories made here (their exact listing, for new_dir_timeout) and those whose
+        # marker blob is deferred: see localdirs.py.
+        self.local: LocalDirs[Entry] = LocalDirs(cfg.new_dir_timeout, cfg.marker_delay)
 
     # -- names -----------------------------------------------------------------------------
 
@@ -292,24 +318,50 @@ class Namespace:
         """What path is in the container (or locally pending), asking Azure if needed.
 
         Positive answers may come from a cached listing (for dir_timeout); a negative one
-        is always Azure's, so a name another host just wrote is seen at once -- except by
-        the create() that follows our own failed lookup (``just_looked_up``)."""
+        is Azure's, so a name another host just wrote is seen at once -- except by the
+        create() that follows our own failed lookup (``just_looked_up``), and in a
+        directory this mount made less than new_dir_timeout ago, whose listing is ours."""
         parent, _, name = path.rpartition("/")
         if name in self.pending.get(parent, ()):
             node = self.by_path.get(path)
             return Entry(False, None) if node is not None else None
+        if self.local.exists(path):
+            return Entry(True, None)  # made here; Azure has no blob for it yet
+        own = self.local.listing(parent, time.monotonic())
+        if own is not None:
+            return own.get(name)
         listing = self.listings.get(parent)
         if listing is not None and name in listing:
             return listing[name]
         if just_looked_up and self.absent.pop(path, False):
             return None
-        entry = await self._ask(path)
-        if entry is None:
+        flight = self._asking.get(path)
+        if flight is not None:  # concurrent lookups of one name (e.g. parallel opens)
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            return flight.entry
+        flight = self._asking[path] = _Flight()
+        try:
+            flight.entry = await self._ask(path)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            del self._asking[path]
+            flight.done.set()
+        if flight.entry is None:
             self.absent[path] = True
-        return entry
+        return flight.entry
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
+        if parent not in self.big_subtrees:
+            # One flat LIST of a small subtree answers this name and every lookup below
+            # the parent for dir_timeout (a registry pull walks one repository this way).
+            listing = await self._list_subtree_if_small(parent)
+            if listing is not None:
+                return listing.get(name)
         if parent in self.small_dirs:
             # One LIST answers this name and the next ones here: cheaper than HEAD + LIST.
             listing = await self._list_if_small(parent)
@@ -345,15 +397,20 @@ class Namespace:
 
     async def listing(self, directory: Node) -> dict[str, Entry]:
         """Every name in a directory, from the cache when fresh; pending files merged in."""
-        entries = self.listings.get(directory.path)
+        entries = self.local.listing(directory.path, time.monotonic())
+        if entries is None:
+            entries = self.listings.get(directory.path)
         if entries is None:
             entries = await self._fetched(directory.path, self._list)
             assert entries is not None
         pending = self.pending.get(directory.path)
-        if pending:
+        unmarked = self.local.unmarked_children(directory.path)
+        if pending or unmarked:
             entries = dict(entries)
-            for name in pending:
+            for name in pending or ():
                 entries.setdefault(name, Entry(False, None))
+            for name in unmarked:
+                entries.setdefault(name, Entry(True, None))
         return entries
 
     async def _fetched(self, path: str, fetch: Callable[[str], Awaitable[dict[str, Entry] | None]],
@@ -378,7 +435,7 @@ class Namespace:
                 else:
                     entries[name] = entry
             if not record.invalidated:
-                self.listings[path] = entries
+                self.cache_listing(path, entries)
                 return entries
         return entries  # changed all along: right for this caller, not worth keeping
 
@@ -412,6 +469,63 @@ class Namespace:
         self.small_dirs[path] = True
         return entries
 
+    async def _list_subtree_if_small(self, path: str) -> dict[str, Entry] | None:
+        """The directory's listing from one flat LIST of everything under it, when one
+        small page holds it all; every directory below is cached too. Else None."""
+        generation = self.generation
+        try:
+            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), SMALL_LISTING)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        if blobs is None:
+            self.big_subtrees[path] = True
+            return None
+        listings = self._tree(path, blobs)
+        if generation != self.generation:
+            # We changed something while the LIST ran: it may predate that change. Only
+            # the directory asked about is answered, from a fresh level listing.
+            return await self._list_if_small(path)
+        for directory, entries in listings.items():
+            self.cache_listing(directory, entries)
+            self.small_dirs[directory] = True
+        return listings[path]
+
+    def cache_listing(self, path: str, entries: dict[str, Entry]) -> None:
+        """Keep a listing for dir_timeout, unless it alone is bigger than the whole cache
+        (such a directory is listed again by each reader: pages, not memory)."""
+        if _listing_bytes(entries) <= self.listings.maxsize:
+            self.listings[path] = entries
+
+    def _tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
+        """The listing of path and of every directory below it, from a flat listing."""
+        prefix = self.dir_prefix(path)
+        listings: dict[str, dict[str, Entry]] = {path: {}}
+        for info in blobs:
+            parts = info.name[len(prefix):].split("/")
+            if any(not part or part in (".", "..") for part in parts):
+                self._skip(info.name, "ends with '/' or has an empty or dot path segment")
+                continue
+            directory = path
+            for part in parts[:-1]:
+                entries = listings[directory]
+                known = entries.get(part)
+                if known is None or not known.is_dir:
+                    if known is not None:
+                        self._skip(self.blob_name(join(directory, part)),
+                                   "a directory of the same name hides it")
+                    entries[part] = Entry(True, None)
+                directory = join(directory, part)
+                listings.setdefault(directory, {})
+            leaf, entries = parts[-1], listings[directory]
+            if info.is_marker:
+                entries[leaf] = Entry(True, info)
+                listings.setdefault(join(directory, leaf), {})
+            elif leaf in entries and entries[leaf].is_dir:
+                self._skip(info.name, "a directory of the same name hides it")
+            else:
+                entries[leaf] = Entry(False, info)
+        return listings
+
     def _add_page(self, path: str, entries: dict[str, Entry], blobs: list[BlobInfo],
                   prefixes: list[str]) -> None:
         prefix = self.dir_prefix(path)
@@ -440,6 +554,7 @@ class Namespace:
     def changed(self, *dir_paths: str) -> None:
         """Our own change to these directories: drop their cached listings (and those being
         fetched: they fetch again)."""
+        self.generation += 1
         for path in dir_paths:
             self.listings.pop(path, None)
             for record in self.fetching.get(path, ()):
@@ -449,6 +564,8 @@ class Namespace:
         """Our own change to one name: patch the parent's cached listing in place (its
         lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
         self.absent.pop(path, None)
+        self.generation += 1
+        self.local.note(path, entry)
         parent, _, name = path.rpartition("/")
         for record in self.fetching.get(parent, ()):
             record.changes[name] = entry
@@ -508,8 +625,46 @@ class Namespace:
             self.by_path[node.path] = node
         self.clear_pending(path)
 
+    # -- directories and their markers ----------------------------------------------------
+
+    def made_directory(self, path: str) -> Node:
+        """mkdir: the directory exists here at once; Azure gets a marker only if it is
+        still empty marker_delay seconds later (localdirs.py)."""
+        node = self.node_for(path, True)
+        node.marker = False
+        node.checked_at = time.monotonic()
+        self.local.made(path, time.monotonic())
+        self.note(path, Entry(True, None))
+        return node
+
+    def removed_directory(self, path: str) -> None:
+        self.local.removed(path)
+        self.forget_path(path)
+        self.note(path, None)
+        self.changed(path)
+
+    async def is_empty(self, path: str) -> bool:
+        """No name under path, judged by what we know when it is fresh (our own listing,
+        a cached one with our changes patched in), else by one small LIST (kept: Go's
+        RemoveAll reads the directory right after its first rmdir fails)."""
+        if self.pending.get(path) or self.local.unmarked_children(path):
+            return False
+        known = self.local.listing(path, time.monotonic())
+        if known is None:
+            known = self.listings.get(path)
+        if known is None:
+            known = await self._list_if_small(path)
+        if known is not None:
+            return not known
+        try:
+            return not await self.driver.has_children(self.dir_prefix(path))
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+
     async def drop_markers_above(self, path: str) -> None:
-        """A real blob now exists at path: ancestor markers are no longer needed."""
+        """A real blob now exists at path: ancestors need no marker (deferred ones are
+        forgotten, written ones deleted)."""
+        self.local.child_landed(path)
         for ancestor in ancestors(path):
             node = self.by_path.get(ancestor)
             if node is None or not node.marker:
@@ -521,23 +676,40 @@ class Namespace:
             except StorageError as exc:
                 log.warning("could not remove directory marker %s: %s", ancestor, exc)
 
-    async def keep_directory(self, path: str) -> None:
-        """The last child of path may be gone: write a marker so the directory stays."""
-        if not path:
-            return
+    def keep_directory(self, path: str) -> None:
+        """The last child of path may be gone: it stays a directory here, and gets a marker
+        later if it is still empty then (write_markers)."""
         node = self.by_path.get(path)
-        if node is not None and node.marker:
-            return
-        if self.pending.get(path) or self.listings.get(path):
-            return  # a cached listing with entries: our own removals are patched into it
-        if await self.driver.has_children(self.dir_prefix(path)):
-            return
-        # The mode, owner and times set on it while it had children go into the marker.
-        metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
-        info = await self.driver.put(self.blob_name(path), b"", metadata)
-        if node is not None:
-            node.marker = True
-        self.note(path, Entry(True, info))
+        if path and not (node is not None and node.marker):
+            self.local.emptied(path, time.monotonic())
+
+    async def write_markers(self, under: str | None = None) -> None:
+        """Write the markers that are due (all of them under a path, for fsyncdir and
+        unmount), for directories still empty."""
+        for path in self.local.due(time.monotonic(), under):
+            try:
+                if not await self.is_empty(path):
+                    continue  # a child keeps it visible
+                node = self.by_path.get(path)
+                # Mode, owner and times set on the directory go into its marker.
+                metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
+                info = await self.driver.put(self.blob_name(path), b"", metadata)
+            except (FSError, StorageError) as exc:
+                log.warning("directory %s: could not write its marker (retried later): %s",
+                            path, getattr(exc, "message", None) or exc)
+                self.local.emptied(path, time.monotonic())
+                continue
+            if node is not None:
+                node.marker = True
+            self.note(path, Entry(True, info))
+            await self.drop_markers_above(path)
+
+    async def marker_task(self) -> None:
+        """Background: write markers as they fall due."""
+        while True:
+            await trio.sleep(max(0.05, min(0.5, self.cfg.marker_delay / 4)))
+            if self.local.next_due() is not None:
+                await self.write_markers()
 
 
 def _int(value: str | None, default: int, base: int = 10) -> int:

@@ -23,7 +23,7 @@ import trio
 
 from .blockcache import BlockCache, ReadStream
 from .config import Config
-from .driver import MARKER_KEY, BlobInfo, StorageError
+from .driver import BlobInfo, StorageError
 from .metrics import fuse_operation
 from .namespace import ROOT_INODE, Entry, FSError, Namespace, Node, join, parent_of
 from .writebuffer import WriteBuffer, WriteSession
@@ -428,7 +428,7 @@ class Operations(pyfuse3.Operations):
             await self.driver.delete(self.ns.blob_name(path), missing_ok=False)
         self.ns.forget_path(path)
         self.ns.note(path, None)
-        await self.ns.keep_directory(parent.path)
+        self.ns.keep_directory(parent.path)
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -437,18 +437,13 @@ class Operations(pyfuse3.Operations):
         path = self.ns.child_name(parent, name)
         if await self.ns.resolve(path, just_looked_up=True) is not None:
             raise FSError(errno.EEXIST)
-        metadata = {MARKER_KEY: "true"}
+        if self.driver.writes_refused:
+            raise FSError(errno.EACCES, f"mkdir {path}: the SAS token allows no writes")
+        node = self.ns.made_directory(path)  # no request: see Namespace.made_directory
+        node.metadata = {}
         if stat.S_IMODE(mode) != 0o777 & ~self.cfg.umask:
-            metadata["mode"] = f"{stat.S_IMODE(mode):o}"  # mkdir -m 700, as create() does
-        marker = await self.driver.put(self.ns.blob_name(path), b"", metadata)
-        node = self.ns.node_for(path, True)
-        node.marker = True
-        node.metadata = dict(metadata)
+            node.metadata["mode"] = f"{stat.S_IMODE(mode):o}"  # mkdir -m 700, as create()
         node.lookups += 1
-        self.ns.note(path, Entry(True, marker))
-        self.ns.listings[path] = {}  # new and empty: lookups inside need not ask Azure
-        self.ns.small_dirs[path] = True
-        await self.ns.drop_markers_above(path)
         return self.ns.attributes(node)
 
     @_errors
@@ -458,15 +453,20 @@ class Operations(pyfuse3.Operations):
         if not entry.is_dir:
             raise FSError(errno.ENOTDIR)
         await self._require_empty(path)
-        await self.driver.delete(self.ns.blob_name(path))
-        self.ns.forget_path(path)
-        self.ns.note(path, None)
-        self.ns.changed(path)
-        await self.ns.keep_directory(parent.path)
+        await self._delete_marker(path, entry)
+        self.ns.removed_directory(path)
+        self.ns.keep_directory(parent.path)
 
     async def _require_empty(self, path: str) -> None:
-        if self.ns.pending.get(path) or await self.driver.has_children(self.ns.dir_prefix(path)):
+        if not await self.ns.is_empty(path):
             raise FSError(errno.ENOTEMPTY)
+
+    async def _delete_marker(self, path: str, entry: Entry) -> None:
+        """An empty directory is gone: delete its marker blob, if it has one (a directory
+        made here whose marker is still deferred, or an implicit one, has none)."""
+        node = self.ns.by_path.get(path)
+        if entry.info is not None or (node is not None and node.marker):
+            await self.driver.delete(self.ns.blob_name(path))
 
     @_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -489,8 +489,12 @@ class Operations(pyfuse3.Operations):
                 raise FSError(errno.EINVAL)
             if target is not None:
                 await self._require_empty(new_path)
-                await self.driver.delete(self.ns.blob_name(new_path))
+                await self._delete_marker(new_path, target)
+                self.ns.local.removed(new_path)
             await self._rename_dir(old_path, new_path)
+            self.ns.local.moved(old_path, new_path, time.monotonic())
+            self.ns.note(old_path, None)
+            self.ns.note(new_path, Entry(True, None))
         else:
             if target is not None and target.is_dir:
                 raise FSError(errno.EISDIR)
@@ -500,13 +504,15 @@ class Operations(pyfuse3.Operations):
             try:
                 if target is not None:
                     await self._hold_open_versions(replaced)
-                await self._rename_file(old_path, new_path, entry.info,
-                                        target.info if target is not None else None)
+                moved = await self._rename_file(old_path, new_path, entry.info,
+                                                target.info if target is not None else None)
             finally:
                 self._replaced(replaced)
             victim_session = self.writes.session(victim) if victim is not None else None
             if victim_session is not None:
                 victim_session.deleted = True  # as unlinked: its commit must not clobber ours
+            self.ns.note(old_path, None)  # (changed() below drops cached listings; a
+            self.ns.note(new_path, Entry(False, moved))  # directory made here keeps its own)
         node = self.ns.by_path.get(old_path)
         if node is not None:
             self.ns.move(node, new_path)
@@ -515,7 +521,7 @@ class Operations(pyfuse3.Operations):
         self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
         self.ns.absent.pop(new_path, None)
         await self.ns.drop_markers_above(new_path)
-        await self.ns.keep_directory(old_parent.path)
+        self.ns.keep_directory(old_parent.path)
 
     def _replaced(self, name: str) -> None:
         count = self.replacing.pop(name, 1) - 1
@@ -523,7 +529,8 @@ class Operations(pyfuse3.Operations):
             self.replacing[name] = count
 
     async def _rename_file(self, old_path: str, new_path: str, moved: BlobInfo | None = None,
-                           replaced: BlobInfo | None = None) -> None:
+                           replaced: BlobInfo | None = None) -> BlobInfo | None:
+        """Copy and delete; returns what the blob now is under its new name."""
         source, target = self.ns.blob_name(old_path), self.ns.blob_name(new_path)
         node = self.ns.by_path.get(old_path)
         session = self.writes.session(node) if node else None
@@ -544,11 +551,12 @@ class Operations(pyfuse3.Operations):
             self.ns.clear_pending(old_path)
             if session.base is not None:
                 self._follow(source, session.base)
-        else:
-            info = await move()
-            if node is not None:
-                node.absorb(info)
-            self._follow(source, info)
+            return session.base
+        info = await move()
+        if node is not None:
+            node.absorb(info)
+        self._follow(source, info)
+        return info
 
     def _follow(self, source: str, info: BlobInfo) -> None:
         """A blob was copied to a new name: descriptors open on it read the copy (same
@@ -616,7 +624,9 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # namespace changes reach Azure before their request returns
+        """Namespace changes reach Azure before their request returns, except the marker of
+        an empty directory made here (deferred, see localdirs.py): written now."""
+        await self.ns.write_markers(under=self.dir_handles[fh].node.path)
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -124,3 +124,13 @@ def blob_names(container: ContainerClient) -> list[str]:
 def need(binary: str) -> None:
     if shutil.which(binary) is None:
         pytest.skip(f"{binary} is not installed (scripts/install installs it)")
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync(2) on a directory: the point where a directory made on the mount is durable
+    (its marker blob, deferred until then or marker_delay, is written)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -90,3 +90,16 @@ def test_too_many_unmarked_directories_are_due_early() -> None:
         local.emptied(f"d{index}", now=index)
     assert local.due(now=0) == ["d0", "d1"]  # the oldest, so that two are left
     assert local.unmarked_count == 2
+
+
+def test_a_renamed_directory_takes_its_unmarked_directories_along() -> None:
+    local = dirs()
+    local.made("a", now=0)
+    local.made("a/b", now=0)
+    local.moved("a", "z", now=5)
+    assert not local.exists("a") and not local.exists("a/b")
+    assert local.exists("z") and local.exists("z/b")
+    assert local.unmarked_children("") == ["z"] and local.unmarked_children("z") == ["b"]
+    assert local.listing("a", now=5) is None
+    assert local.due(now=6) == []
+    assert local.due(now=7) == ["z/b"]

@@ -19,7 +19,7 @@ from azure.storage.blob import (
     ContainerSasPermissions,
     generate_container_sas,
 )
-from conftest import Mount, blob_names
+from conftest import Mount, blob_names, fsync_dir
 
 from azregfs.azurite import DEV_ACCOUNT, DEV_KEY
 
@@ -56,15 +56,47 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2) -> bool:
 # -- directory markers -------------------------------------------------------------------------
 
 
-def test_mkdir_writes_a_marker(mnt: Mount, container: ContainerClient) -> None:
+def test_mkdir_writes_its_marker_late_if_the_directory_stays_empty(
+        mnt: Mount, container: ContainerClient) -> None:
     os.mkdir(mnt.path / "empty")
-    assert blob_names(container) == ["empty"]
+    assert blob_names(container) == []  # deferred: most directories get a child at once
+    assert os.listdir(mnt.path) == ["empty"]
+    assert os.listdir(mnt.path / "empty") == []
+    assert wait_for(lambda: blob_names(container) == ["empty"], timeout=10)  # marker_delay
     props = container.get_blob_client("empty").get_blob_properties()
     assert props.size == 0
     assert props.metadata.get("hdi_isfolder") == "true"
     assert os.listdir(mnt.path) == ["empty"]
     assert stat.S_ISDIR(os.stat(mnt.path / "empty").st_mode)
     assert os.listdir(mnt.path / "empty") == []
+
+
+def test_fsyncdir_and_unmount_write_the_deferred_markers(
+        mount_factory, container: ContainerClient) -> None:
+    mnt = mount_factory(container.container_name, "-o", "marker_delay=600")
+    os.makedirs(mnt.path / "a" / "b")
+    os.mkdir(mnt.path / "c")
+    os.mkdir(mnt.path / "d", 0o700)
+    fsync_dir(mnt.path / "a")
+    assert blob_names(container) == ["a/b"]  # the leaf's marker shows its parents too
+    mnt.unmount()
+    assert blob_names(container) == ["a/b", "c", "d"]
+    assert marker_metadata(container, "d") == {"hdi_isfolder": "true", "mode": "700"}
+    again = mount_factory(container.container_name, name="again")
+    assert stat.S_IMODE(os.stat(again.path / "d").st_mode) == 0o700
+
+
+def test_mkdir_p_then_a_file_writes_no_marker(mnt: Mount, container: ContainerClient) -> None:
+    os.mkdir(mnt.path / "u")  # proving "u" absent at the root costs requests; below it,
+    before = mnt.stats()["driver"]["requests"]  # made here, nothing else can be yet
+    os.makedirs(mnt.path / "u" / "v" / "w")
+    (mnt.path / "u" / "v" / "w" / "f").write_bytes(b"x")
+    after = mnt.stats()["driver"]["requests"]
+    assert blob_names(container) == ["u/v/w/f"]
+    assert {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)} \
+        == {"put": 1}  # the file alone: no lookup asked Azure, no marker put or deleted
+    time.sleep(2.5)  # past marker_delay: still no marker
+    assert blob_names(container) == ["u/v/w/f"]
 
 
 def test_marker_with_children_appears_once_and_never_as_a_file(
@@ -86,7 +118,8 @@ def test_marker_with_children_appears_once_and_never_as_a_file(
 
 def test_first_file_removes_the_marker(mnt: Mount, container: ContainerClient) -> None:
     os.makedirs(mnt.path / "a" / "b")
-    assert blob_names(container) == ["a/b"]  # the parent's marker went with the child's
+    fsync_dir(mnt.path / "a" / "b")
+    assert blob_names(container) == ["a/b"]  # the parent needs none: the child shows it
     (mnt.path / "a" / "b" / "f").write_bytes(b"data")
     assert blob_names(container) == ["a/b/f"]
     assert (mnt.path / "a" / "b" / "f").read_bytes() == b"data"
@@ -100,7 +133,7 @@ def test_removing_the_last_file_keeps_the_directory(mnt: Mount,
     os.unlink(mnt.path / "d" / "f1")
     assert blob_names(container) == ["d/f2"]
     os.unlink(mnt.path / "d" / "f2")
-    assert blob_names(container) == ["d"]
+    assert wait_for(lambda: blob_names(container) == ["d"], timeout=10)  # marker_delay
     assert marker_metadata(container, "d").get("hdi_isfolder") == "true"
     assert os.listdir(mnt.path) == ["d"]
     assert os.listdir(mnt.path / "d") == []
@@ -111,7 +144,8 @@ def test_removing_the_last_file_of_an_implicit_directory(mount_factory,
     container.upload_blob("x/y/only", b"1")
     mnt = mount_factory(container.container_name)
     os.unlink(mnt.path / "x" / "y" / "only")
-    assert blob_names(container) == ["x/y"]
+    assert os.path.isdir(mnt.path / "x" / "y")  # at once here; in Azure after marker_delay
+    assert wait_for(lambda: blob_names(container) == ["x/y"], timeout=10)
     assert os.path.isdir(mnt.path / "x" / "y")
 
 
@@ -353,5 +387,6 @@ def test_rootdirectory_prefix(mount_factory, container: ContainerClient) -> None
     assert sorted(os.listdir(mnt.path)) == ["a", "sub"]
     assert (mnt.path / "sub" / "b").read_bytes() == b"reg/sub/b"
     os.mkdir(mnt.path / "new")
+    fsync_dir(mnt.path / "new")
     assert "reg/new" in blob_names(container)
     assert os.statvfs(mnt.path).f_bavail > 0

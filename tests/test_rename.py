@@ -12,7 +12,7 @@ import random
 
 import pytest
 from azure.storage.blob import ContainerClient
-from conftest import blob_names
+from conftest import blob_names, fsync_dir
 
 MiB = 1024 * 1024
 AT_FDCWD = -100
@@ -132,6 +132,7 @@ def test_rename_directory_moves_every_blob(mnt, container):
     (root / "f1").write_bytes(b"1")
     (root / "sub" / "f2").write_bytes(b"2")
     (root / "sub" / "deep" / "f3").write_bytes(b"3")
+    fsync_dir(root / "empty")
     assert "old/empty" in blob_names(container)  # the marker of the empty directory
     os.rename(root, mnt.path / "new")
     assert blob_names(container) == ["new/empty", "new/f1", "new/sub/deep/f3", "new/sub/f2"]
@@ -146,9 +147,19 @@ def test_rename_directory_moves_every_blob(mnt, container):
 
 def test_rename_empty_directory_marker(mnt, container):
     (mnt.path / "lonely").mkdir()
+    fsync_dir(mnt.path / "lonely")
     os.rename(mnt.path / "lonely", mnt.path / "moved")
     assert blob_names(container) == ["moved"]
     assert os.path.isdir(mnt.path / "moved")
+
+
+def test_rename_empty_directory_before_its_marker(mnt, container):
+    (mnt.path / "fresh").mkdir()
+    os.rename(mnt.path / "fresh", mnt.path / "moved")
+    assert blob_names(container) == []  # neither name had a blob yet
+    assert os.listdir(mnt.path) == ["moved"]
+    fsync_dir(mnt.path / "moved")
+    assert blob_names(container) == ["moved"]
 
 
 def test_rename_noreplace(mnt, container):
