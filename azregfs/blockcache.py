@@ -384,6 +384,8 @@ class BlockCache:
         if not sequential and not all(self._held((name, etag, i)) for i in range(first, last + 1)):
             return await self._direct(name, etag, blob_size, offset, end)
         if stream is not None and sequential:
+            if offset == 0 and stream.prefetched_to == 0 and not self._held((name, etag, 0)):
+                await self._start_whole_read(name, etag, blob_size, stream)
             self._read_ahead(name, etag, blob_size, last, stream)
         parts = []
         for index in range(first, last + 1):
@@ -505,6 +507,17 @@ class BlockCache:
             self._nursery.start_soon(
                 self.disk.put, self.disk.file_name(self.block_size, key), data, self.stats
             )
+
+    async def _start_whole_read(self, name: str, etag: str, blob_size: int,
+                                stream: ReadStream) -> None:
+        """A reader starting at the beginning of a blob most likely reads it whole (a
+        registry pull, cp, a digest): its first GET takes max_fetch bytes, not one block,
+        and read-ahead goes on at full window (GETs of max_fetch) instead of ramping up."""
+        count = min(min(self.max_fetch, self.read_ahead) // self.block_size,
+                    (blob_size - 1) // self.block_size + 1)  # within the read-ahead window
+        stream.prefetched_to = count
+        stream.run = max(stream.run, 2 * self.max_fetch)  # a window refilled max_fetch a time
+        await self._fetch_run(name, etag, blob_size, list(range(count)))
 
     def _read_ahead(
         self, name: str, etag: str, blob_size: int, last: int, stream: ReadStream

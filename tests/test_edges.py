@@ -456,7 +456,7 @@ def test_an_open_descriptor_keeps_its_version(mnt):
         assert check_version(opened.read(), 70_000) == 2  # as a local filesystem would
 
     large = mnt.path / "large"
-    size = 12 * MiB
+    size = 64 * MiB  # beyond what read-ahead fetches after the first MiB (8 + 16 MiB)
     large.write_bytes(version_bytes(1, size))
     with open(large, "rb", buffering=0) as opened:
         first = opened.read(MiB)
@@ -464,7 +464,7 @@ def test_an_open_descriptor_keeps_its_version(mnt):
         (mnt.path / "large.tmp").write_bytes(version_bytes(2, size))
         os.rename(mnt.path / "large.tmp", large)
         with pytest.raises(OSError) as caught:
-            opened.seek(10 * MiB)
+            opened.seek(60 * MiB)
             opened.read(MiB)
         assert caught.value.errno == errno.ESTALE
 
