@@ -418,6 +418,14 @@ class WriteSession:
             # Unlinked while open: nothing will ever be committed, so nothing is kept (and
             # the base blob is gone, so it cannot be laid out).
             return len(data)
+        if self._appends_at_once(offset, len(data)):
+            # The common case (a stream of writes at the end) without a checkpoint: taking
+            # the lock would yield to the scheduler on every write, a third of the cost of
+            # a 4 KiB write. Nothing here awaits, so it is atomic like the locked path.
+            self._check_growth(offset + len(data), False)
+            self._extend(data)
+            self._written()
+            return len(data)
         if not self.target_is_append or self.append_mode:
             await self.buffer.budget.wait_for_room(len(data))
         async with self.lock:
@@ -427,15 +435,26 @@ class WriteSession:
             if not self.append_mode:
                 await self._lay_out()
             await self._write_locked(offset, data)
+        self._written()
+        if self.append_mode and self.size - self.appended >= self.block_size:
+            async with self.lock:
+                await self._append_pending(force_all=False)
+        return len(data)
+
+    def _appends_at_once(self, offset: int, length: int) -> bool:
+        """Can this write be appended with no await: at the end of a block-blob session
+        that is laid out, not locked (no commit or truncate under way), within budget?"""
+        budget = self.buffer.budget
+        return (offset == self.size and self.laid_out and not self.target_is_append
+                and not self.lock.locked()
+                and (not budget.used or budget.used + length <= budget.limit))
+
+    def _written(self) -> None:
         self.changed = True
         self.failed_commit = False
         self.metadata.pop("mtime", None)  # a write after utime() sets mtime to now, as POSIX
         self.node.size = self.size
         self.node.mtime = time.time()
-        if self.append_mode and self.size - self.appended >= self.block_size:
-            async with self.lock:
-                await self._append_pending(force_all=False)
-        return len(data)
 
     async def _write_locked(self, offset: int, data: bytes) -> None:
         if offset > self.size:
