@@ -66,6 +66,10 @@ class Config:
     # in it, so a missing name there costs no request (another host's file in that very
     # directory shows when it ends).
     new_dir_timeout: float = 10.0
+    # FUSE's writeback cache: small writes are gathered by the kernel (32 KiB writes as fast
+    # as 1 MiB ones), but a descriptor opened before another host changed the file keeps
+    # its old size (README, "Writeback cache").
+    writeback_cache: bool = False
     marker_delay: float = 2.0  # an empty directory's marker blob is written this late
     # Data path.
     listing_cache_size: int = 16 * MiB  # directory listings kept for dir_timeout

@@ -236,6 +236,13 @@ class Namespace:
 
     def remember(self, path: str, entry: Entry) -> Node:
         node = self.node_for(path, entry.is_dir)
+        if (self.cfg.writeback_cache and not entry.is_dir and entry.info is not None
+                and node.etag and node.etag != entry.info.etag and not node.writing):
+            # With the writeback cache the kernel keeps its own size of a file it caches:
+            # a file changed elsewhere becomes a new inode, which the kernel sees afresh.
+            # The old one lives on for its open descriptors (they read the old version).
+            self.forget_path(path)
+            node = self.node_for(path, False)
         self._apply_entry(node, entry)
         return node
 

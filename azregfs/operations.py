@@ -116,6 +116,7 @@ class Operations(pyfuse3.Operations):
         self.seen_etag: dict[int, str] = {}  # inode -> ETag of its last open (keep_cache)
         self.replacing: dict[str, int] = {}  # blob name -> renames over it in progress
         writes.on_commit = self._committed
+        self.enable_writeback_cache = cfg.writeback_cache  # read by pyfuse3.init
         self.metrics = namespace.driver.metrics
         self.metrics.bind(self._live_numbers)
 
@@ -168,7 +169,13 @@ class Operations(pyfuse3.Operations):
             changes["uid"] = str(attr.st_uid)
         if fields.update_gid:
             changes["gid"] = str(attr.st_gid)
-        if fields.update_mtime:
+        if fields.update_mtime and fields.update_ctime and not fields.update_atime \
+                and self.enable_writeback_cache and not node.is_dir:
+            # The writeback cache's own write times (sent with ctime, never by utimensat,
+            # which sets atime too): the blob's Last-Modified already says when it was
+            # written, so this costs no request.
+            node.mtime = attr.st_mtime_ns / 1e9
+        elif fields.update_mtime:
             changes["mtime"] = f"{attr.st_mtime_ns / 1e9:.9f}"
         if fields.update_size:
             if node.is_dir:

@@ -2,7 +2,7 @@
 to docker-registry on a local directory, and the SDK's own upload/download of the biggest
 layer as Azurite's ceiling, all in one run against one Azurite.
 
-    .venv/bin/python bench/registry.py [--layers 1,32,256] [--latency MS] [--repeat 1]
+    .venv/bin/python bench/registry.py [--layers 1,32,256] [--latency MS] [--repeat 1] [-o OPTS]
                                        [--json out.json] [--workdir DIR]
 
 To measure another checkout of the daemon, run from that checkout with
@@ -47,13 +47,15 @@ def timed(action: Callable[[], object]) -> float:
 
 
 class Mount:
-    def __init__(self, connection_string: str, container: str, path: Path) -> None:
+    def __init__(self, connection_string: str, container: str, path: Path,
+                 options: str = "") -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": connection_string}
         self.log = open(path.parent / f"{path.name}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "azregfs", "mount", "--foreground", container, str(path)],
+            [sys.executable, "-m", "azregfs", "mount", "--foreground",
+             *(["-o", options] if options else []), container, str(path)],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while not os.path.ismount(path):
@@ -101,19 +103,21 @@ def sdk_round_trip(connection_string: str, path: Path, label: str,
     service.close()
 
 
-def run(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[str, Any]:
+def run(layers_mib: list[float], latency_ms: float, workdir: Path,
+        options: str = "") -> dict[str, Any]:
     proxy_log = logging.FileHandler(workdir / "proxy.log")
     proxy_log.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
     logging.getLogger("azregfs.faultproxy").addHandler(proxy_log)
     logging.getLogger("azregfs.faultproxy").setLevel(logging.DEBUG)
     try:
-        return measure(layers_mib, latency_ms, workdir)
+        return measure(layers_mib, latency_ms, workdir, options)
     finally:
         logging.getLogger("azregfs.faultproxy").removeHandler(proxy_log)
         proxy_log.close()
 
 
-def measure(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[str, Any]:
+def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
+            options: str = "") -> dict[str, Any]:
     results: dict[str, Any] = {}
     image = build_image(workdir / "image", [int(size * MiB) for size in layers_mib],
                         tag="v1", seed=7, compress_below=4 * MiB)
@@ -137,7 +141,7 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[s
             "bench-mount")
         proxied = proxy.connection_string(azurite)
         mnt = workdir / "mnt"
-        state: dict[str, Any] = {"mount": Mount(proxied, "bench-mount", mnt)}
+        state: dict[str, Any] = {"mount": Mount(proxied, "bench-mount", mnt, options)}
         state["registry"] = Registry(mnt, workdir / "registry-mount").start()
         marks: dict[str, dict[str, Any]] = {"push start": proxy.snapshot()}
 
@@ -145,7 +149,7 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path) -> dict[s
             state["registry"].stop()
             state["mount"].unmount()
             marks["push end"] = proxy.snapshot()
-            state["mount"] = Mount(proxied, "bench-mount", mnt)
+            state["mount"] = Mount(proxied, "bench-mount", mnt, options)
             state["registry"] = Registry(mnt, workdir / "registry-mount").start()
             marks["pull start"] = proxy.snapshot()
             return state["registry"]
@@ -200,6 +204,8 @@ def main() -> int:
                         help="delay every request of the mount (and the sdk-via-proxy rows) "
                              "by MS milliseconds in the proxy")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("-o", dest="options", default="",
+                        help="mount options, e.g. writeback_cache=true")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--workdir", help="keep images, logs (mount, registry, proxy) here, "
                                           "one subdirectory per run (default: a temporary one)")
@@ -211,10 +217,10 @@ def main() -> int:
             workdir = Path(args.workdir) / f"run{index + 1}"
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
-            runs.append(run(layers_mib, args.latency, workdir))
+            runs.append(run(layers_mib, args.latency, workdir, args.options))
             continue
         with tempfile.TemporaryDirectory(prefix="azregfs-bench-") as tmp:
-            runs.append(run(layers_mib, args.latency, Path(tmp)))
+            runs.append(run(layers_mib, args.latency, Path(tmp), args.options))
     report(runs, layers_mib, args.latency)
     if args.json:
         Path(args.json).write_text(json.dumps(
