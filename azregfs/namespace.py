@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 MAX_SEGMENTS = 254
 SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent's listing
+FLAT_LISTING = 5000  # blobs one flat LIST (one page) may bring to fill a whole subtree
 NAME_MAX = 255
 
 
@@ -407,6 +408,8 @@ class Namespace:
         entries = self.local.listing(directory.path, time.monotonic())
         if entries is None:
             entries = self.listings.get(directory.path)
+        if entries is None and directory.path not in self.big_subtrees:
+            entries = await self._list_subtree_if_small(directory.path)  # a walk: one LIST
         if entries is None:
             entries = await self._fetched(directory.path, self._list)
             assert entries is not None
@@ -481,7 +484,7 @@ class Namespace:
         small page holds it all; every directory below is cached too. Else None."""
         generation = self.generation
         try:
-            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), SMALL_LISTING)
+            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), FLAT_LISTING)
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         if blobs is None:

@@ -388,13 +388,16 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def flush(self, fh: int) -> None:
-        session = self.handles[fh].session
-        if session is not None:
-            await session.commit()
+        await self._commit(fh)
 
     @_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)
+        await self._commit(fh)
+
+    async def _commit(self, fh: int) -> None:
+        session = self.handles[fh].session
+        if session is not None:
+            await session.commit()
 
     @_errors
     async def release(self, fh: int) -> None:
@@ -525,10 +528,12 @@ class Operations(pyfuse3.Operations):
             self.ns.move(node, new_path)
         else:
             self.ns.forget_path(new_path)
-        self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
+        if entry.is_dir:  # a file's two names were noted above, exactly
+            self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
         self.ns.absent.pop(new_path, None)
         await self.ns.drop_markers_above(new_path)
-        self.ns.keep_directory(old_parent.path)
+        if old_parent is not new_parent:
+            self.ns.keep_directory(old_parent.path)
 
     def _replaced(self, name: str) -> None:
         count = self.replacing.pop(name, 1) - 1
