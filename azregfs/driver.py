@@ -387,14 +387,21 @@ class Driver:
         return await self._run(f"LIST {prefix}", call)
 
     async def list_subtree_small(self, prefix: str, limit: int) -> list[BlobInfo] | None:
-        """Every blob under prefix, at any depth, if one page of `limit` holds them all."""
+        """Every blob under prefix, at any depth, if there are at most `limit` (else None).
+
+        Pages of LIST_PAGE; a full last page may come with a continuation that leads to
+        nothing, so the bound is checked on what the pages hold, not on the marker."""
 
         def call() -> list[BlobInfo] | None:
             pages = self.container.list_blobs(
-                name_starts_with=prefix or None, include=["metadata"], results_per_page=limit
-            ).by_page()
-            page = [_info(item) for item in next(pages, [])]
-            return None if pages.continuation_token else page
+                name_starts_with=prefix or None, include=["metadata"],
+                results_per_page=min(limit, LIST_PAGE)).by_page()
+            blobs: list[BlobInfo] = []
+            for page in pages:
+                blobs += [_info(item) for item in page]
+                if len(blobs) > limit or (len(blobs) == limit and pages.continuation_token):
+                    return None
+            return blobs
 
         return await self._run(f"LIST {prefix}", call)
 

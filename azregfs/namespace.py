@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 ROOT_INODE = pyfuse3.ROOT_INODE
 MAX_SEGMENTS = 254
 SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent's listing
-FLAT_LISTING = 5000  # blobs one flat LIST (one page) may bring to fill a whole subtree
+# Blobs a flat LIST may bring to fill a whole subtree: a lookup miss tries one page's worth,
+# a readdir (a walk: find, du, a registry's catalog) two pages'.
+FLAT_LOOKUP, FLAT_WALK = 1000, 10000
 NAME_MAX = 255
 
 
@@ -157,8 +159,8 @@ class Namespace:
             maxsize=cfg.listing_cache_size, ttl=max(cfg.dir_timeout, 0.001),
             getsizeof=_listing_bytes,
         )
-        # Directories whose subtree was too big for one flat page: not tried again soon.
-        self.big_subtrees: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+        # Directories whose subtree was too big for a flat listing: the limit it exceeded.
+        self.big_subtrees: cachetools.TTLCache[str, int] = cachetools.TTLCache(
             maxsize=4096, ttl=300)
         self.generation = 0  # bumped by each change we note: a flat fetch checks it
         self._asking: dict[str, _Flight] = {}  # path -> the lookup asking Azure about it
@@ -364,10 +366,10 @@ class Namespace:
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
-        if parent not in self.big_subtrees:
+        if self.big_subtrees.get(parent, 0) < FLAT_LOOKUP:
             # One flat LIST of a small subtree answers this name and every lookup below
             # the parent for dir_timeout (a registry pull walks one repository this way).
-            listing = await self._list_subtree_if_small(parent)
+            listing = await self._list_subtree_if_small(parent, FLAT_LOOKUP)
             if listing is not None:
                 return listing.get(name)
         if parent in self.small_dirs:
@@ -408,8 +410,8 @@ class Namespace:
         entries = self.local.listing(directory.path, time.monotonic())
         if entries is None:
             entries = self.listings.get(directory.path)
-        if entries is None and directory.path not in self.big_subtrees:
-            entries = await self._list_subtree_if_small(directory.path)  # a walk: one LIST
+        if entries is None and self.big_subtrees.get(directory.path, 0) < FLAT_WALK:
+            entries = await self._list_subtree_if_small(directory.path, FLAT_WALK)
         if entries is None:
             entries = await self._fetched(directory.path, self._list)
             assert entries is not None
@@ -479,16 +481,17 @@ class Namespace:
         self.small_dirs[path] = True
         return entries
 
-    async def _list_subtree_if_small(self, path: str) -> dict[str, Entry] | None:
-        """The directory's listing from one flat LIST of everything under it, when one
-        small page holds it all; every directory below is cached too. Else None."""
+    async def _list_subtree_if_small(self, path: str, limit: int) -> dict[str, Entry] | None:
+        """The directory's listing from a flat LIST of everything under it, when it holds at
+        most `limit` blobs; every directory below is cached too. Else None (and a subtree
+        too big for `limit` is not listed flat again at that limit for a while)."""
         generation = self.generation
         try:
-            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), FLAT_LISTING)
+            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), limit)
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         if blobs is None:
-            self.big_subtrees[path] = True
+            self.big_subtrees[path] = limit  # more than that: not tried again soon
             return None
         listings = self._tree(path, blobs)
         if generation != self.generation:

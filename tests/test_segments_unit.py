@@ -197,6 +197,9 @@ class SlowListing:
         self.started = trio.Event()
         self.lists = 0
 
+    async def list_subtree_small(self, prefix: str, limit: int):
+        return None  # too big to list flat: the level listing below is what is tested
+
     async def list_level(self, prefix: str):
         self.lists += 1
         answer = [BlobInfo(prefix + name, 1, "e", 0.0) for name in self.names]
@@ -285,3 +288,17 @@ def test_a_pinned_version_outlives_its_blob():
         assert not await cache.pin("f", "v2", 9 * block)  # larger than whole_max: refused
 
     trio.run(main)
+
+
+def test_a_flat_listing_fills_every_directory_below():
+    ns = Namespace(Config(), SlowListing([]))  # type: ignore[arg-type]
+    blobs = [BlobInfo(name, 1, "e", 0.0) for name in (
+        "r/a/f1", "r/a/sub/f2", "r/b", "r/empty", "r/x", "r/x/hidden-by-dir", "r/bad//name")]
+    blobs[3].metadata = {"hdi_isfolder": "true"}
+    listings = ns._tree("r", blobs)
+    assert sorted(listings) == ["r", "r/a", "r/a/sub", "r/empty", "r/x"]
+    assert {name: entry.is_dir for name, entry in listings["r"].items()} == {
+        "a": True, "b": False, "empty": True, "x": True}
+    assert listings["r/a"]["f1"].info is blobs[0] and listings["r/a"]["sub"].is_dir
+    assert listings["r/empty"] == {} and listings["r/x"] == {"hidden-by-dir": listings["r/x"][
+        "hidden-by-dir"]}
