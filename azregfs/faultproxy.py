@@ -43,10 +43,10 @@ Design:
   body is still read to its end: Azurite leaks a file descriptor for every response
   abandoned early (see /work/shared/FACTS.md).
 
-Requests are classified by Azure operation (``classify``) and counted; a fault that fires
-is counted under ``faults()`` as ``"kind:op"``. Rules are checked in order for each
-request: every matching latency rule adds its delay, and the first other rule that fires
-decides the request's fate. Every random choice comes from one seedable RNG.
+Requests are classified by Azure operation (``metrics.classify``: the daemon's own names)
+and counted; a fault that fires is counted under ``faults()`` as ``"kind:op"``. Rules are
+checked in order for each request: every matching latency rule adds its delay, and the first
+other rule that fires decides the request's fate. Every random choice comes from one seedable RNG.
 
 Control API, on the proxy's own port (paths under ``/__faultproxy__``, never counted,
 never faulted, served during an outage), JSON in and out:
@@ -107,9 +107,10 @@ from dataclasses import asdict, dataclass, fields
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from .azurite import DEV_ACCOUNT, DEV_KEY
+from .metrics import classify
 
 log = logging.getLogger(__name__)
 
@@ -134,47 +135,6 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade", "expect", "content-length",
 })
-
-
-# -- classification -------------------------------------------------------------------------
-
-def classify(method: str, target: str, headers: Any) -> str:
-    """The Azure operation of one request, from its method, query string and headers.
-
-    HEAD: head (container_properties with restype=container); GET: list (comp=list),
-    get_block_list (comp=blocklist), container_properties (restype=container), read, or
-    get_<comp>; PUT: stage_block, commit_block_list, set_metadata, append_block (by comp),
-    copy (x-ms-copy-source), create_container (restype=container), put, or put_<comp>;
-    DELETE: delete (delete_container with restype=container); anything else: the method
-    in lower case.
-    """
-    query = parse_qs(urlsplit(target).query, keep_blank_values=True)
-    comp = (query.get("comp") or [""])[0].lower()
-    container = (query.get("restype") or [""])[0].lower() == "container"
-    method = method.upper()
-    if method == "HEAD":
-        return "container_properties" if container and not comp else "head"
-    if method == "GET":
-        if comp == "list":
-            return "list"
-        if comp == "blocklist":
-            return "get_block_list"
-        if comp:
-            return f"get_{comp}"
-        return "container_properties" if container else "read"
-    if method == "PUT":
-        named = {"block": "stage_block", "blocklist": "commit_block_list",
-                 "metadata": "set_metadata", "appendblock": "append_block"}
-        if comp in named:
-            return named[comp]
-        if comp:
-            return f"put_{comp}"
-        if headers.get("x-ms-copy-source"):
-            return "copy"
-        return "create_container" if container else "put"
-    if method == "DELETE":
-        return "delete_container" if container and not comp else "delete"
-    return method.lower()
 
 
 # -- rules ----------------------------------------------------------------------------------

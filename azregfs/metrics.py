@@ -57,29 +57,42 @@ LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10
 
 
 def classify(method: str, url: str, headers: Any) -> str:
-    """The Azure Blob operation of one HTTP request, from its method, query and headers."""
-    query = parse_qs(urlsplit(url).query)
-    comp = (query.get("comp") or [""])[0]
-    container_level = (query.get("restype") or [""])[0] == "container"
+    """The Azure operation of one request, from its method, query string and headers
+    (shared with the fault proxy, so its counts and ours use the same names).
+
+    HEAD: head (container_properties with restype=container); GET: list (comp=list),
+    get_block_list (comp=blocklist), container_properties (restype=container), read, or
+    get_<comp>; PUT: stage_block, commit_block_list, set_metadata, append_block (by comp),
+    copy (x-ms-copy-source), create_container (restype=container), put, or put_<comp>;
+    DELETE: delete (delete_container with restype=container); anything else: the method
+    in lower case.
+    """
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    comp = (query.get("comp") or [""])[0].lower()
+    container = (query.get("restype") or [""])[0].lower() == "container"
     method = method.upper()
-    if comp == "list":
-        return "list"
-    if container_level:
-        return {"PUT": "create_container", "DELETE": "delete_container"}.get(
-            method, "container_properties")
     if method == "HEAD":
-        return "head"
+        return "container_properties" if container and not comp else "head"
     if method == "GET":
-        return {"blocklist": "get_block_list", "metadata": "get_metadata"}.get(comp, "read")
-    if method == "DELETE":
-        return "delete"
+        if comp == "list":
+            return "list"
+        if comp == "blocklist":
+            return "get_block_list"
+        if comp:
+            return f"get_{comp}"
+        return "container_properties" if container else "read"
     if method == "PUT":
-        if comp in ("block", "blocklist", "metadata", "appendblock", "properties"):
-            return {"block": "stage_block", "blocklist": "commit_block_list",
-                    "appendblock": "append_block"}.get(comp, f"set_{comp}")
+        named = {"block": "stage_block", "blocklist": "commit_block_list",
+                 "metadata": "set_metadata", "appendblock": "append_block"}
+        if comp in named:
+            return named[comp]
+        if comp:
+            return f"put_{comp}"
         if headers.get("x-ms-copy-source"):
             return "copy"
-        return "put"
+        return "create_container" if container else "put"
+    if method == "DELETE":
+        return "delete_container" if container and not comp else "delete"
     return method.lower()
 
 
