@@ -60,13 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", "-c", help="take the mountpoint from this YAML file")
     u.add_argument("--timeout", type=float, default=60.0)
     st = sub.add_parser("stats", help="show what a mount is doing (its counters)")
-    st.add_argument("mountpoint")
+    st.add_argument("mountpoint", nargs="?")
+    st.add_argument("--config", "-c", help="take the mountpoint from this YAML file")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument("--watch", type=float, metavar="SECONDS",
                     help="every SECONDS, show the rates of the last interval")
     st.add_argument("--count", type=int, help="with --watch: stop after COUNT intervals")
     ck = sub.add_parser("check", help="health check: exit 0 OK, 1 WARNING, 2 CRITICAL")
-    ck.add_argument("mountpoint")
+    ck.add_argument("mountpoint", nargs="?")
+    ck.add_argument("--config", "-c", help="take the mountpoint from this YAML file")
     ck.add_argument("--timeout", type=float, default=30.0)
     ck.add_argument("--no-probe", dest="probe", action="store_false",
                     help="judge by the last request instead of making one now")
@@ -178,18 +180,26 @@ def _daemonize(cfg: Config, mountpoint: str, passthrough: set[str]) -> int:
     os._exit(code)
 
 
-def cmd_unmount(args: argparse.Namespace) -> int:
+def mountpoint_of(args: argparse.Namespace) -> str | None:
+    """The mountpoint named on the command line, or by --config's `mountpoint` (the systemd
+    unit's way); None, after a one-line error, when there is none."""
     try:
         mountpoint = args.mountpoint or (
             str(config.read_yaml(args.config).get("mountpoint") or "") if args.config else "")
     except ConfigError as exc:
         print(f"azregfs: {exc}", file=sys.stderr)
-        return 2
+        return None
     if not mountpoint:
         print("azregfs: no mountpoint: name one, or a --config that sets 'mountpoint'",
               file=sys.stderr)
+        return None
+    return os.path.abspath(mountpoint)
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mountpoint = mountpoint_of(args)
+    if mountpoint is None:
         return 2
-    mountpoint = os.path.abspath(mountpoint)
     if is_stale_mount(mountpoint):
         result = subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
         return 0 if result.returncode == 0 else 1
@@ -231,9 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("stats", "check"):
         from . import monitor
 
+        mountpoint = mountpoint_of(args)
+        if mountpoint is None:
+            return monitor.UNKNOWN if args.command == "check" else 2
         if args.command == "stats":
-            return monitor.show_stats(args.mountpoint, args.json, args.watch, args.count)
-        status, line = monitor.check(args.mountpoint, args.timeout, args.probe)
+            return monitor.show_stats(mountpoint, args.json, args.watch, args.count)
+        status, line = monitor.check(mountpoint, args.timeout, args.probe)
         print(line)
         return status
     if args.command == "mount":

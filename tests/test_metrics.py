@@ -311,6 +311,16 @@ def test_stats_of_something_else(tmp_path: Path) -> None:
     assert result.returncode == 1 and "is not mounted" in result.stdout + result.stderr
 
 
+def test_check_takes_the_mountpoint_from_the_config_file(mnt, tmp_path: Path) -> None:
+    """As the systemd unit names a mount: by its /etc/azregfs/NAME.yml."""
+    config = tmp_path / "instance.yml"
+    config.write_text(f"container: whatever\nmountpoint: {mnt.path}\n")
+    result = azregfs("check", "--config", str(config))
+    assert result.returncode == 0 and result.stdout.startswith("OK: "), result.stdout
+    assert azregfs("stats", "--json", "-c", str(config)).returncode == 0
+    assert azregfs("check").returncode == 3  # UNKNOWN: no mountpoint at all
+
+
 def test_check_ok_then_critical_when_azure_is_gone(container_name: str, tmp_path: Path) -> None:
     """Its own Azurite, stopped halfway: check must notice, even on an idle mount."""
     from conftest import start_mount
