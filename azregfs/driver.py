@@ -181,8 +181,12 @@ def _make_container_client(cfg: Config, *, retries: int, timeout: float,
     common: dict[str, Any] = {
         # A transport we build does not get the storage SDK's 256 KiB read size: without it
         # responses stream in 4 KiB pieces, which tripled the CPU cost of every download.
+        # The timeouts go to the transport itself: the client's connection_timeout and
+        # read_timeout below only configure a transport the SDK builds, not one passed in.
         "transport": RequestsTransport(session=session, session_owner=True,
-                                       connection_data_block_size=256 * 1024),
+                                       connection_data_block_size=256 * 1024,
+                                       connection_timeout=min(timeout, 10.0),
+                                       read_timeout=timeout),
         "retry_policy": RetryAfterRetry(initial_backoff=1, increment_base=2,
                                         retry_total=retries),
         "connection_timeout": min(timeout, 10.0),
@@ -535,10 +539,13 @@ class Driver:
 
     async def delete(self, name: str, missing_ok: bool = True) -> None:
         def call() -> None:
+            retried: list[Any] = []
             try:
-                self._blob(name).delete_blob()
+                self._blob(name).delete_blob(retry_hook=lambda **kw: retried.append(kw))
             except ResourceNotFoundError:
-                if not missing_ok:
+                # A 404 after a retry: an earlier attempt may have deleted it and lost its
+                # answer (connection reset after Azure acted). Deleted either way.
+                if not missing_ok and not retried:
                     raise
 
         await self._run(f"delete {name}", call)

@@ -5,8 +5,11 @@ its limits, sometimes with ``Retry-After``. The storage SDK retries those, but i
 exponential backoff ignores Retry-After and it never lowers the number of requests in
 flight. Two pieces fix that:
 
-- ``RetryAfterRetry``: the SDK's exponential retry, sleeping at least what the service's
-  last ``Retry-After`` asked (capped at ``MAX_RETRY_AFTER``).
+- ``RetryAfterRetry``: the SDK's exponential retry, sleeping what the service's last
+  ``Retry-After`` asked (capped at ``MAX_RETRY_AFTER``), else the exponential backoff capped
+  at ``MAX_BACKOFF``. A throttled answer is Azure asking us to slow down, not an error: it
+  is retried without spending the ``retries`` budget (up to ``THROTTLE_RETRIES`` more), so
+  sustained throttling slows the daemon down instead of failing requests with EIO.
 - ``Concurrency``: additive increase, multiplicative decrease of the driver's request
   concurrency. A throttled answer halves the limit (at most once per ``cooldown`` seconds,
   so one burst of 503s from requests already in flight counts once); every ``limit``
@@ -24,6 +27,9 @@ from typing import Any
 from azure.storage.blob import ExponentialRetry
 
 MAX_RETRY_AFTER = 60.0
+MAX_BACKOFF = 10.0  # seconds: the exponential backoff's ceiling (Retry-After may ask more)
+THROTTLE_RETRIES = 20  # retries of throttled answers on top of the `retries` budget
+THROTTLE_CODES = frozenset({"ServerBusy", "OperationTimedOut"})
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -37,15 +43,37 @@ def retry_after_seconds(headers: Any) -> float | None:
         return None
 
 
+def asks_to_slow_down(response: Any) -> bool:
+    """503 (ServerBusy), or 500 OperationTimedOut: what Azure answers when over its limits."""
+    headers = getattr(response, "headers", None) or {}
+    return getattr(response, "status_code", None) == 503 or \
+        headers.get("x-ms-error-code") in THROTTLE_CODES
+
+
 class RetryAfterRetry(ExponentialRetry):
-    """ExponentialRetry that honours the service's Retry-After."""
+    """ExponentialRetry that honours the service's Retry-After and outlasts throttling."""
+
+    def configure_retries(self, request: Any) -> dict[str, Any]:
+        settings = super().configure_retries(request)
+        settings["throttle_retries"] = THROTTLE_RETRIES
+        return settings
+
+    def increment(self, settings: dict[str, Any], request: Any, response: Any = None,
+                  error: Any = None) -> bool:
+        if response is not None and asks_to_slow_down(response) and \
+                settings.get("throttle_retries", 0) > 0:
+            settings["throttle_retries"] -= 1
+            settings["total"] += 1  # given back: the SDK takes one off for every retry
+            settings["status"] += 1
+        return super().increment(settings, request, response, error)
 
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        backoff = super().get_backoff_time(settings)
         history = settings.get("history") or []
         response = getattr(history[-1], "http_response", None) if history else None
         asked = retry_after_seconds(getattr(response, "headers", None))
-        return max(backoff, asked) if asked is not None else backoff
+        if asked is not None:
+            return asked  # the service said when
+        return min(super().get_backoff_time(settings), MAX_BACKOFF)
 
 
 class Concurrency:
