@@ -104,9 +104,10 @@ def load_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
 
 
 def is_stale_mount(path: str) -> bool:
-    """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
+    """A FUSE mount whose daemon died: every access fails with ENOTCONN. statfs, not stat:
+    the kernel answers stat from cached attributes for a while without asking the daemon."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

@@ -736,12 +736,6 @@ def mount_command(proxy: FaultProxy, azurite: Azurite, container: ContainerClien
     return mount
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.is_stale_mount tells a dead mount by os.stat(), which the kernel answers from the "
-    "root's cached attributes until attr_timeout expires, without asking the dead daemon: "
-    "`azregfs mount` run in that window says 'already a mount point' instead of detaching "
-    "the dead mount. os.statvfs() (always a FUSE request, ENOTCONN at once) or listdir "
-    "would tell at once (azregfs/cli.py, is_stale_mount)."))
 def test_mount_at_once_over_a_just_killed_daemon(
         proxy: FaultProxy, azurite: Azurite, container: ContainerClient,
         own_mountpoint: Path) -> None:
