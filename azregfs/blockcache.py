@@ -12,8 +12,11 @@ Invariants:
   size), so a remount with another ETag or another block size never finds an old file.
 - Concurrent readers of one block wait on one load (``_inflight``), never several, whether
   that load comes from disk or from Azure.
-- Memory is bounded in bytes: cached blocks plus the read-ahead window fit ``cache_size``;
-  read-ahead only fills that cache, through a CapacityLimiter.
+- Memory is bounded in bytes: cached blocks, pinned versions and the ranged GETs in flight
+  together fit ``cache_size``. A GET (or disk read) counts twice its length while it runs
+  (the SDK holds the response both in pieces and joined, then blocks are cut from it),
+  waits while the GETs in flight already hold ``fetch_room`` (a quarter of cache_size), and
+  the memory tier evicts what no longer fits beside them (``_Blocks.outside``).
 - A handle that reads sequentially has the next blocks fetched ahead of it, the window
   doubling with the run up to ``read_ahead`` and refilled in runs of consecutive blocks,
   one ranged GET per run; a random read of a block nobody holds fetches just the aligned
@@ -41,6 +44,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import cachetools
@@ -90,13 +94,53 @@ class CacheStats:
 
 
 class _Blocks(cachetools.LRUCache):
+    """The memory tier, an LRU bounded in bytes together with ``outside``: what the read
+    path holds beside it (pinned versions, GETs in flight) takes room from the LRU."""
+
     def __init__(self, capacity: int, stats: CacheStats) -> None:
         super().__init__(maxsize=capacity, getsizeof=len)
         self._stats = stats
+        self.outside = 0
 
     def popitem(self):  # type: ignore[override]
         self._stats.evictions += 1
         return super().popitem()
+
+    def __setitem__(self, key: Key, value: bytes) -> None:
+        super().__setitem__(key, value)
+        self.fit()
+
+    def fit(self) -> None:
+        """Evict least recently used blocks until they fit beside ``outside``."""
+        while self.currsize and self.currsize + self.outside > self.maxsize:
+            self.popitem()
+
+
+class _FetchRoom:
+    """Bytes the GETs in flight may hold at once; each counts twice its length, and takes
+    that much room from the memory tier until it ends. A GET waits while others hold the
+    room (one alone always runs, whatever its size)."""
+
+    def __init__(self, blocks: _Blocks, limit: int) -> None:
+        self.blocks = blocks
+        self.limit = limit
+        self.used = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, length: int) -> AsyncIterator[None]:
+        cost = 2 * length
+        while self.used and self.used + cost > self.limit:
+            await self._lot.park()
+        self.used += cost
+        self.blocks.outside += cost
+        self.blocks.fit()
+        try:
+            yield
+        finally:
+            self.used -= cost
+            self.blocks.outside -= cost
+            self._lot.unpark_all()
 
 
 @dataclass
@@ -327,9 +371,9 @@ class BlockCache:
         self.read_ahead = min(read_ahead, max(capacity // 4, block_size))
         self.max_fetch = max_fetch  # the largest ranged GET read-ahead makes
         self.stats = CacheStats()
-        # cache_size bounds the read path's memory: cached blocks plus the read-ahead
-        # window in flight (whose ranged GETs hold a few transient copies each).
-        self.blocks = _Blocks(max(capacity - self.read_ahead, block_size), self.stats)
+        # cache_size bounds the read path's memory: cached blocks, pins and GETs in flight.
+        self.blocks = _Blocks(max(capacity, block_size), self.stats)
+        self.fetch_room = _FetchRoom(self.blocks, max(capacity // 4, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
         self._inflight: dict[Key, _Download] = {}
@@ -420,6 +464,8 @@ class BlockCache:
                     return False
                 pin = self.pins[key] = _Pin(blocks, size)
                 self.pinned_bytes += size
+                self.blocks.outside += size  # counted whole, even while the LRU holds it too
+                self.blocks.fit()
         pin.holders += 1
         return True
 
@@ -431,6 +477,7 @@ class BlockCache:
         if pin.holders <= 0:
             del self.pins[(name, etag)]
             self.pinned_bytes -= pin.size
+            self.blocks.outside -= pin.size
 
     async def _whole(self, name: str, etag: str, size: int) -> list[bytes]:
         """Every block of one version: those nobody holds in one ranged GET, then all."""
@@ -446,7 +493,8 @@ class BlockCache:
         self.stats.memory_misses += 1
         start = offset - offset % RANDOM_ALIGN
         stop = min(blob_size, -(-end // RANDOM_ALIGN) * RANDOM_ALIGN)
-        data = await self.driver.read(name, start, stop - start, etag)
+        async with self.fetch_room.hold(stop - start):
+            data = await self.driver.read(name, start, stop - start, etag)
         self.stats.bytes_from_azure += len(data)
         return data[offset - start:end - start]
 
@@ -474,15 +522,16 @@ class BlockCache:
         try:
             start = index * self.block_size
             length = min(self.block_size, blob_size - start)
-            data = await self._from_disk(key, length)
-            if data is not None and for_reader:
-                self.stats.hits += 1
-            if data is None:
-                self.stats.misses += for_reader
-                self.stats.disk_misses += self.disk is not None
-                data = await self.driver.read(name, start, length, etag)
-                self.stats.bytes_from_azure += len(data)
-                self._to_disk(key, data)
+            async with self.fetch_room.hold(length):
+                data = await self._from_disk(key, length)
+                if data is not None and for_reader:
+                    self.stats.hits += 1
+                if data is None:
+                    self.stats.misses += for_reader
+                    self.stats.disk_misses += self.disk is not None
+                    data = await self.driver.read(name, start, length, etag)
+                    self.stats.bytes_from_azure += len(data)
+                    self._to_disk(key, data)
             download.data = data
             self.blocks[key] = data
             return data
@@ -568,6 +617,15 @@ class BlockCache:
                     log.debug("read-ahead of %s blocks %s failed: %s", name, run, exc)
                     return
 
+    def _cut(self, data: bytes, first: int, keys: Iterable[Key]) -> dict[Key, bytes]:
+        """The blocks of a ranged GET that began at block `first`, each its own bytes (a
+        GET of one block is that block, not copied)."""
+        if len(data) <= self.block_size:
+            return dict.fromkeys(keys, data)  # one key: the GET was that very block
+        with memoryview(data) as view:
+            return {key: bytes(view[(key[2] - first) * self.block_size:
+                                    (key[2] - first + 1) * self.block_size]) for key in keys}
+
     async def _fetch_run(self, name: str, etag: str, blob_size: int, run: list[int]) -> None:
         """Consecutive blocks in one ranged GET, each cached on its own.
 
@@ -585,15 +643,15 @@ class BlockCache:
             last = max(key[2] for key in downloads)
             start = first * self.block_size
             length = min((last + 1) * self.block_size, blob_size) - start
-            data = await self.driver.read(name, start, length, etag)
-            self.stats.bytes_from_azure += len(data)
-            view = memoryview(data)
+            async with self.fetch_room.hold(length):
+                data = await self.driver.read(name, start, length, etag)
+                self.stats.bytes_from_azure += len(data)
+                blocks = self._cut(data, first, downloads)
+                del data  # before the room is given back: only the blocks remain
             for key, download in downloads.items():
-                offset = (key[2] - first) * self.block_size
-                block = bytes(view[offset:offset + self.block_size])
-                download.data = block
-                self.blocks[key] = block
-                self._to_disk(key, block)
+                download.data = blocks[key]
+                self.blocks[key] = blocks[key]
+                self._to_disk(key, blocks[key])
         except BaseException as exc:
             for download in downloads.values():
                 download.error = exc
