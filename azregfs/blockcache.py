@@ -15,7 +15,7 @@ Invariants:
 - Memory is bounded in bytes: cached blocks, pinned versions and the ranged GETs in flight
   together fit ``cache_size``. A GET (or disk read) counts twice its length while it runs
   (the SDK holds the response both in pieces and joined, then blocks are cut from it),
-  waits while the GETs in flight already hold ``fetch_room`` (a quarter of cache_size), and
+  waits while the GETs in flight already hold ``fetch_room`` (half of cache_size), and
   the memory tier evicts what no longer fits beside them (``_Blocks.outside``).
 - A handle that reads sequentially has the next blocks fetched ahead of it, the window
   doubling with the run up to ``read_ahead`` and refilled in runs of consecutive blocks,
@@ -373,7 +373,7 @@ class BlockCache:
         self.stats = CacheStats()
         # cache_size bounds the read path's memory: cached blocks, pins and GETs in flight.
         self.blocks = _Blocks(max(capacity, block_size), self.stats)
-        self.fetch_room = _FetchRoom(self.blocks, max(capacity // 4, 2 * block_size))
+        self.fetch_room = _FetchRoom(self.blocks, max(capacity // 2, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
         self._inflight: dict[Key, _Download] = {}
