@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 import cachetools
 import trio
 
-from .driver import Driver
+from .driver import Driver, StorageError
+from .recent import RecentFailures
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,8 @@ class BlockCache:
         self.disk = disk
         self.stats_interval = stats_interval
         self._inflight: dict[Key, _Download] = {}
+        # Versions whose read just failed: the kernel's repeat of that READ is answered at once.
+        self.failed: RecentFailures[tuple[str, str]] = RecentFailures()
         self._prefetch_limiter = trio.CapacityLimiter(concurrency)
         self._nursery: trio.Nursery | None = None
         self.whole_max = min(self.read_ahead, WHOLE_READ_MAX)
@@ -422,6 +425,16 @@ class BlockCache:
         pin = self.pins.get((name, etag))
         if pin is not None:
             return self._from_blocks(pin.blocks, offset, end)
+        self.failed.check((name, etag))
+        try:
+            return await self._read(name, etag, blob_size, offset, size, stream)
+        except StorageError as exc:
+            self.failed.note((name, etag), exc)
+            raise
+
+    async def _read(self, name: str, etag: str, blob_size: int, offset: int, size: int,
+                    stream: ReadStream | None) -> bytes:
+        end = min(offset + size, blob_size)
         sequential = stream.observe(offset, size) if stream else True
         first = offset // self.block_size
         last = (end - 1) // self.block_size
@@ -457,7 +470,12 @@ class BlockCache:
         if pin is None:
             if not 0 < size <= self.whole_max or self.pinned_bytes + size > self.pin_budget:
                 return False
-            blocks = await self._whole(name, etag, size)
+            self.failed.check(key)
+            try:
+                blocks = await self._whole(name, etag, size)
+            except StorageError as exc:
+                self.failed.note(key, exc)
+                raise
             pin = self.pins.get(key)  # another reader may have pinned it meanwhile
             if pin is None:
                 if self.pinned_bytes + size > self.pin_budget:

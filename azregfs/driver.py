@@ -55,6 +55,8 @@ LIST_PAGE = 5000
 
 
 class StorageError(Exception):
+    repeated = False  # a failure remembered a moment ago (recent.py), not asked again
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.errno = code

@@ -38,6 +38,7 @@ import trio
 from .config import Config
 from .driver import MARKER_KEY, MAX_NAME, BlobInfo, Driver, StorageError
 from .localdirs import LocalDirs
+from .recent import RecentFailures
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ NAME_MAX = 255
 
 class FSError(Exception):
     """An errno for the kernel plus an optional log line (None: nothing worth logging)."""
+
+    repeated = False  # a failure remembered a moment ago (recent.py), not asked again
 
     def __init__(self, code: int, message: str | None = None) -> None:
         super().__init__(message or errno.errorcode.get(code, str(code)))
@@ -164,6 +167,7 @@ class Namespace:
             maxsize=4096, ttl=300)
         self.generation = 0  # bumped by each change we note: a flat fetch checks it
         self._asking: dict[str, _Flight] = {}  # path -> the lookup asking Azure about it
+        self.failed: RecentFailures[str] = RecentFailures()  # paths whose lookup just failed
         self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
         # Directories whose last listing fit in one small page: lookups there list them.
         self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
@@ -351,9 +355,14 @@ class Namespace:
             if flight.error is not None:
                 raise flight.error
             return flight.entry
+        self.failed.check(path)
         flight = self._asking[path] = _Flight()
         try:
             flight.entry = await self._ask(path)
+        except FSError as exc:
+            flight.error = exc
+            self.failed.note(path, exc)
+            raise
         except BaseException as exc:
             flight.error = exc
             raise
@@ -577,6 +586,7 @@ class Namespace:
         """Our own change to one name: patch the parent's cached listing in place (its
         lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
         self.absent.pop(path, None)
+        self.failed.forget(path)
         self.generation += 1
         self.local.note(path, entry)
         parent, _, name = path.rpartition("/")

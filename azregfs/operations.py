@@ -3,6 +3,8 @@ cache and the write buffer. Decisions about data live in those modules, not here
 
 Every handler runs through ``_errors``: an FSError becomes its errno (logged in one line when
 it carries a message), a StorageError its mapped errno, anything else EIO with a traceback.
+A failure repeated from recent.py's memory is logged at debug level: the ERROR line was its
+first.
 """
 
 from __future__ import annotations
@@ -54,15 +56,17 @@ def _errors(handler: F) -> F:
             raise
         except FSError as exc:
             error = exc.errno
-            if exc.message and exc.errno not in QUIET:
+            if exc.message and exc.errno not in QUIET and not exc.repeated:
                 log.error("%s: %s", op, exc.message)
             elif exc.message:
                 log.debug("%s: %s", op, exc.message)
             raise pyfuse3.FUSEError(exc.errno) from None
         except StorageError as exc:
             error = exc.errno
-            if exc.errno not in QUIET:
+            if exc.errno not in QUIET and not exc.repeated:
                 log.error("%s: %s", op, exc)
+            else:
+                log.debug("%s: %s", op, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             error = errno.EIO

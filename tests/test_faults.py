@@ -359,13 +359,6 @@ def logged_mount(proxy: FaultProxy, azurite: Azurite, mount_factory,
     return mount
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "One read(2) that fails is two FUSE READs: the kernel's readahead READ fails, then "
-    "filemap_read_folio asks again for the page. Operations.read (through _errors) logs an "
-    "ERROR line for each and BlockCache.read asks Azure again (full retries twice), so one "
-    "application failure is two ERROR lines and twice the time. Needs a short-lived memory "
-    "of a failed range in operations.py/blockcache.py (answer the repeat with the same errno "
-    "at DEBUG)."))
 def test_a_failed_read_is_one_error_line(proxy: FaultProxy, logged_mount: Mount) -> None:
     mount = logged_mount
     since = log_length(mount)
@@ -556,13 +549,6 @@ def outage_checks(proxy: FaultProxy, mount: Mount, container: ContainerClient,
           f"fsync {fsync_seconds:.1f} s, at most {peak} FUSE requests waiting")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Concurrent lookups of one name are serialized by the kernel (d_alloc_parallel: a "
-    "lookup waits for the one in flight for that name and, when it fails, sends its own), "
-    "and Namespace.resolve keeps no memory of a failure once its flight ends: during an "
-    "outage the n-th caller of one name waits n times the per-request bound. Needs "
-    "namespace.py to answer a lookup of a name whose resolve failed with EIO less than a "
-    "moment ago with that same error, without asking Azure again."))
 def test_concurrent_lookups_of_one_name_during_an_outage(
         proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient) -> None:
     retries, timeout = 0, 1
