@@ -5,6 +5,12 @@ Shutdown order matters: on SIGTERM/SIGINT the pending writes are committed (then
 deferred markers of empty directories written) while the mount still serves, then the FUSE
 loop stops, then the mount is removed. After an external unmount (``fusermount3 -u``) the
 loop ends by itself and the same saving runs.
+
+Stopping is bounded even when Azure is unreachable: every file is committed at once (each
+fails within its own request bounds, so a stop costs about one commit's bound, not one per
+file), a commit that failed is tried once, not again after the loop stops, and a second
+SIGTERM/SIGINT abandons the save and unmounts now (the files not committed are counted in
+the exit status and the log).
 """
 
 from __future__ import annotations
@@ -200,6 +206,8 @@ class Daemon:
         self.operations = Operations(cfg, self.namespace, self.cache, self.writes)
         self.options = fuse_options(cfg, extra_options or set())
         self.signalled = False
+        self.saving: set[trio.CancelScope] = set()  # the saves before exit under way
+        self.abandoned = False  # a second signal: exit without saving
         self.failed_commits = 0
         self.trimmer: HeapTrimmer | None = None
 
@@ -242,21 +250,29 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self.cache.start(nursery)
             self.writes.start(nursery)
-            nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._watch_signals, nursery)
             nursery.start_soon(self.namespace.marker_task)
             nursery.start_soon(self._tune_kernel_read_ahead)
             if self.trimmer is not None:
                 nursery.start_soon(self.trimmer.run)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             sd_notify("STOPPING=1")
-            await self._save_everything()
+            if not self.abandoned:
+                # Writes that came in while a signal's save ran; a commit that failed
+                # then was reported once and is not tried again.
+                await self._save_everything(retry_failed=not self.signalled)
             nursery.cancel_scope.cancel()
 
-    async def _save_everything(self) -> None:
+    async def _save_everything(self, retry_failed: bool = True) -> None:
         """Before exiting: commit every pending write, then write the deferred markers of
         empty directories (after the commits: a committed file makes its marker moot)."""
-        self.failed_commits += await self.writes.commit_all()
-        await self.namespace.write_markers(under="")
+        with trio.CancelScope() as scope:
+            self.saving.add(scope)
+            try:
+                self.failed_commits += await self.writes.commit_all(retry_failed)
+                await self.namespace.write_markers(under="")
+            finally:
+                self.saving.discard(scope)
 
     async def _tune_kernel_read_ahead(self) -> None:
         """A FUSE mount starts with the kernel's 128 KiB read-ahead, so a sequential read
@@ -274,18 +290,30 @@ class Daemon:
         except OSError as exc:
             log.debug("kernel read-ahead left as is: %s", exc)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+        """SIGTERM/SIGINT: save, then unmount. A second one stops waiting for the save
+        (storage unreachable, an operator in a hurry): what is not committed is lost."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     continue
-                log.info("%s: committing pending writes, then unmounting",
-                         signal.Signals(signum).name)
+                if self.signalled:
+                    log.error("%s again: unmounting now; %d files with unsaved data lost",
+                              name, self.writes.unsaved())
+                    self.abandoned = True
+                    self.failed_commits += self.writes.unsaved()
+                    for scope in self.saving:
+                        scope.cancel()
+                    return
+                log.info("%s: committing pending writes, then unmounting", name)
                 sd_notify("STOPPING=1")
                 self.signalled = True
-                await self._save_everything()
-                pyfuse3.terminate()
-                return
+                nursery.start_soon(self._stop)
+
+    async def _stop(self) -> None:
+        await self._save_everything()
+        pyfuse3.terminate()
 
 
 def _write_text(path: str, text: str) -> None:

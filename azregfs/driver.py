@@ -338,7 +338,11 @@ class Driver:
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
         try:
-            return await trio.to_thread.run_sync(fn, limiter=self.limiter)
+            # A cancelled call (only a stop cancels: a second SIGTERM, the end of the loop)
+            # returns at once; its thread finishes or dies with the process. A request is
+            # atomic in Azure, so whatever it did is whole.
+            return await trio.to_thread.run_sync(fn, limiter=self.limiter,
+                                                 abandon_on_cancel=True)
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - every SDK error becomes a StorageError

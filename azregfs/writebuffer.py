@@ -78,6 +78,7 @@ from .namespace import FSError, Node
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+SHUTDOWN_COMMITS = 16  # sessions committed at once when the daemon stops
 MAX_BLOCKS = 50_000
 MAX_BLOCK_BYTES = 4000 * MiB  # Put Block's largest block
 APPEND_CHUNK = 4 * MiB
@@ -294,20 +295,38 @@ class WriteBuffer:
         session.discard()
         self.sessions.pop(session.node.inode, None)
 
+    def unsaved(self) -> int:
+        """Files with changes not committed."""
+        return sum(1 for session in self.sessions.values()
+                   if session.changed and not session.deleted)
+
     def spill_all(self) -> None:
         for session in list(self.sessions.values()):
             session.stage_partial()
 
-    async def commit_all(self) -> int:
-        """Commit every session with changes (shutdown); returns how many failed."""
+    async def commit_all(self, retry_failed: bool = True) -> int:
+        """Commit every session with changes (shutdown), all at once; returns how many
+        failed. During an outage each commit fails within its own request bounds, so a
+        stop costs about one commit's bound, not one per file. ``retry_failed=False``
+        leaves alone a session whose last commit failed (already tried and reported)."""
         failed = 0
-        for session in list(self.sessions.values()):
-            if session.changed and not session.deleted:
+
+        async def commit(session: WriteSession) -> None:
+            nonlocal failed
+            async with limiter:
                 try:
                     await session.commit()
                 except FSError as exc:
                     failed += 1
-                    log.error("could not commit %s at shutdown: %s", session.name, exc.message)
+                    log.error("could not commit %s at shutdown: %s", session.name,
+                              exc.message or exc)
+
+        limiter = trio.CapacityLimiter(SHUTDOWN_COMMITS)
+        async with trio.open_nursery() as nursery:
+            for session in list(self.sessions.values()):
+                if session.changed and not session.deleted and (
+                        retry_failed or not session.failed_commit):
+                    nursery.start_soon(commit, session)
         return failed
 
 

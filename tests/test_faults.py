@@ -797,3 +797,67 @@ def test_sigkill_during_push_then_mount_on_the_dead_mountpoint(
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert not os.path.ismount(mountpoint)
+
+
+# -- stopping during an outage --------------------------------------------------------------
+
+def files_left_open(mount: Mount, count: int) -> list:
+    """Files with 3 MiB each in the daemon's write buffer, never committed."""
+    files = [open(mount.path / f"open-{i}", "wb") for i in range(count)]  # noqa: SIM115
+    for handle in files:
+        handle.write(os.urandom(3 * MiB))
+        handle.flush()
+    return files
+
+
+def close_all(files: list) -> None:
+    for handle in files:
+        with contextlib.suppress(OSError):
+            handle.close()
+
+
+def test_sigterm_during_an_outage_exits_within_one_commit_bound(
+        proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient) -> None:
+    retries, timeout = 1, 2
+    bound = timeout * (retries + 1) + backoff_ceiling(retries) + 1
+    mount = mount_through(proxy, azurite, mount_factory, container, "-o",
+                          f"retries={retries},timeout={timeout}")
+    files = files_left_open(mount, 4)
+    try:
+        with proxy.rule("stall", seconds=120):
+            started = time.monotonic()
+            mount.process.terminate()
+            status = mount.process.wait(timeout=20 * bound)
+            took = time.monotonic() - started
+    finally:
+        close_all(files)
+    assert status == 1  # files were lost: the exit status says so
+    # Each file is tried once (not once per file in turn, not again after the loop ends).
+    assert took <= 2 * bound, took
+    lost = [line for line in error_lines(mount) if "could not commit" in line]
+    assert sorted(line.split("could not commit ")[1].split()[0] for line in lost) == [
+        f"open-{i}" for i in range(4)], lost
+    assert blob_names(container) == []  # nothing torn, nothing half-written
+
+
+def test_a_second_sigterm_stops_waiting_for_an_unreachable_storage(
+        proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient) -> None:
+    mount = mount_through(proxy, azurite, mount_factory, container, "-o",
+                          "retries=3,timeout=20")  # one commit could take minutes
+    files = files_left_open(mount, 2)
+    try:
+        with proxy.rule("stall", seconds=300):
+            mount.process.terminate()
+            time.sleep(1)
+            assert mount.process.poll() is None  # saving, and waiting on Azure
+            started = time.monotonic()
+            mount.process.terminate()
+            status = mount.process.wait(timeout=30)
+            took = time.monotonic() - started
+    finally:
+        close_all(files)
+    assert status == 1
+    assert took <= 5, took
+    assert "SIGTERM again: unmounting now; 2 files with unsaved data lost" in mount.log()
+    assert not mounted(mount.path)
+    assert blob_names(container) == []
