@@ -12,6 +12,7 @@ line an operator can act on and never contains a credential.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -112,6 +113,24 @@ def _written(name: str, size: int, response: dict[str, Any], metadata: dict[str,
     return BlobInfo(name, size, response.get("etag") or "",
                     modified.timestamp() if modified else time.time(), dict(metadata),
                     "BlockBlob", content_type)
+
+
+class _Retries:
+    """An SDK call's retry_hook: was it retried? A write refused on a retry by its own
+    condition (create-only, append position, delete of a missing blob) may be refused
+    because an earlier attempt did it and its answer was lost."""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, **_: Any) -> None:
+        self.seen = True
+
+
+def _lost_answer(name: str, info: Any) -> Any:
+    log.info("%s: the write was done by an attempt whose answer was lost; not done twice",
+             name)
+    return info
 
 
 def _split_level(page: Any) -> tuple[list[BlobInfo], list[str]]:
@@ -506,10 +525,20 @@ class Driver:
             kwargs: dict[str, Any] = {}
             if exclusive:
                 kwargs = {"match_condition": MatchConditions.IfMissing}
-            result = self._blob(name).commit_block_list(
-                [BlobBlock(block_id) for block_id in block_ids], metadata=metadata,
-                content_settings=ContentSettings(content_type=content_type), **kwargs,
-            )
+            blob = self._blob(name)
+            retries = _Retries()
+            try:
+                result = blob.commit_block_list(
+                    [BlobBlock(block_id) for block_id in block_ids], metadata=metadata,
+                    content_settings=ContentSettings(content_type=content_type),
+                    retry_hook=retries, **kwargs,
+                )
+            except ResourceExistsError:
+                # Block IDs carry the session's random token: the same list is our commit.
+                if not retries.seen or [block.id for block in
+                                        blob.get_block_list("committed")[0]] != block_ids:
+                    raise
+                return _lost_answer(name, _info(blob.get_blob_properties()))
             # The response has the new ETag and time: no HEAD after each commit.
             return _written(name, size, result, metadata, content_type)
 
@@ -523,10 +552,23 @@ class Driver:
 
         def call() -> BlobInfo:
             settings = ContentSettings(content_type=content_type)
-            result = self._blob(name).upload_blob(
-                data, overwrite=not exclusive, metadata=metadata, max_concurrency=1,
-                content_settings=settings, length=len(data),
-            )
+            blob = self._blob(name)
+            retries = _Retries()
+            try:
+                result = blob.upload_blob(
+                    data, overwrite=not exclusive, metadata=metadata, max_concurrency=1,
+                    content_settings=settings, length=len(data), retry_hook=retries,
+                )
+            except ResourceExistsError:
+                # Put Blob stores the MD5 of what it got: the same bytes are our write.
+                if not retries.seen:
+                    raise
+                info = blob.get_blob_properties()
+                md5 = info.content_settings.content_md5
+                if info.size != len(data) or not md5 or bytes(md5) != hashlib.md5(
+                        data, usedforsecurity=False).digest():
+                    raise
+                return _lost_answer(name, _info(info))
             # The response has what a HEAD would tell: no second request per small file.
             return _written(name, len(data), result, metadata, settings.content_type)
 
@@ -536,22 +578,34 @@ class Driver:
         """Append Block at an expected position (so two appenders never interleave)."""
 
         def call() -> str:
-            result = self._blob(name).append_block(
-                data, length=len(data), appendpos_condition=position
-            )
+            blob = self._blob(name)
+            retries = _Retries()
+            try:
+                result = blob.append_block(
+                    data, length=len(data), appendpos_condition=position, retry_hook=retries
+                )
+            except HttpResponseError as exc:
+                # 412 on a retry: the blob has grown; by exactly these bytes if they were ours.
+                if exc.status_code != 412 or not retries.seen:
+                    raise
+                tail = blob.download_blob(offset=position, length=len(data), max_concurrency=1)
+                total = (tail.properties.content_range or "").rpartition("/")[2]
+                if total != str(position + len(data)) or tail.readall() != data:
+                    raise
+                return _lost_answer(name, tail.properties).etag
             return result["etag"]
 
         return await self._run(f"append to {name}", call)
 
     async def delete(self, name: str, missing_ok: bool = True) -> None:
         def call() -> None:
-            retried: list[Any] = []
+            retries = _Retries()
             try:
-                self._blob(name).delete_blob(retry_hook=lambda **kw: retried.append(kw))
+                self._blob(name).delete_blob(retry_hook=retries)
             except ResourceNotFoundError:
                 # A 404 after a retry: an earlier attempt may have deleted it and lost its
                 # answer (connection reset after Azure acted). Deleted either way.
-                if not missing_ok and not retried:
+                if not missing_ok and not retries.seen:
                     raise
 
         await self._run(f"delete {name}", call)

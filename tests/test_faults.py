@@ -348,6 +348,46 @@ def test_lost_connection_read_asks_the_same_version_again(
         assert handle.read() == new
 
 
+@pytest.mark.parametrize("how", ["put", "commit_block_list", "append_block"])
+def test_a_conditional_write_whose_answer_was_lost_succeeds_once(
+        how: str, proxy: FaultProxy, azurite: Azurite, mount_factory,
+        container: ContainerClient) -> None:
+    """Azure did the write, the answer was lost, and the retry meets the write's own
+    condition: O_EXCL (409 BlobAlreadyExists) or an append position (412). The daemon
+    checks what Azure holds before calling it a failure; the data lands once."""
+    mount = mount_through(proxy, azurite, mount_factory, container, "-o", FAST)
+    data = random.Random(7).randbytes(100_000)
+    if how == "append_block":
+        blob = container.get_blob_client("log")
+        blob.create_append_blob()
+        blob.append_block(b"first line\n")
+        os.stat(mount.path / "log")
+        expected = b"first line\n" + data
+        with proxy.rule("reset_response", op=how, times=1) as rule, \
+                open(mount.path / "log", "ab") as handle:
+            handle.write(data)
+            handle.close()  # the commit: one Append Block, then its retry
+            assert rule.fired == 1
+        assert blob.download_blob().readall() == expected
+        assert blob.get_blob_properties().blob_type == "AppendBlob"
+        assert (mount.path / "log").read_bytes() == expected
+        return
+    # A sparse file whose hole exceeds one block is committed by Put Block List.
+    offset = 20 * MiB if how == "commit_block_list" else 0
+    expected = bytes(offset) + data
+    with proxy.rule("reset_response", op=how, times=1) as rule:
+        fd = os.open(mount.path / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.pwrite(fd, data, offset)
+        finally:
+            os.close(fd)  # the commit, create-only: its retry meets 409
+        assert rule.fired == 1
+    assert container.download_blob("new").readall() == expected
+    assert (mount.path / "new").read_bytes() == expected
+    with pytest.raises(FileExistsError):  # O_EXCL still means what it says
+        os.open(mount.path / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+
+
 # -- what an application's failure leaves in the log ----------------------------------------
 
 @pytest.fixture
