@@ -488,12 +488,23 @@ class Driver:
             kwargs: dict[str, Any] = {}
             if etag:
                 kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
-            # readall() drains the response to its end: abandoned responses leak in Azurite
-            # and cost a connection on Azure.
-            data = self._blob(name).download_blob(
-                offset=offset, length=length, max_concurrency=1, **kwargs
-            ).readall()
-            return data
+            deadline = time.monotonic() + self.cfg.timeout * (self.cfg.retries + 1)
+            while True:
+                try:
+                    # readall() drains the response to its end: abandoned responses leak in
+                    # Azurite and cost a connection on Azure.
+                    return self._blob(name).download_blob(
+                        offset=offset, length=length, max_concurrency=1, **kwargs
+                    ).readall()
+                except HttpResponseError as exc:
+                    # A body cut short 3 times in a row (the SDK's own limit, whatever
+                    # `retries` says; not an answer from Azure: no status) is asked again
+                    # while this call is within its bound, rather than failing a read the
+                    # kernel would only ask again for.
+                    if exc.status_code is not None or time.monotonic() >= deadline:
+                        raise
+                    log.debug("read %s [%d+%d]: body cut short 3 times; asking again",
+                              name, offset, length)
 
         return await self._run(f"read {name} [{offset}+{length}]", call)
 
