@@ -22,8 +22,11 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from azregfs.azurite import Azurite
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def azurite() -> Iterator[Azurite]:
+    """One in-memory Azurite per test module. Azurite never gives back the memory of a
+    deleted container within a run: one Azurite for the whole suite grew to 7 GB and spent
+    its time collecting garbage, until a request hung."""
     server = Azurite().start()
     yield server
     server.stop()
