@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from . import config
+from . import config, control
 from .config import Config, ConfigError
 from .driver import StorageError, check_access
 from .logs import setup_logging
@@ -208,7 +208,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         print(f"azregfs: {mountpoint} is not mounted", file=sys.stderr)
         return 1
     try:
-        pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+        pid = int(control.read(mountpoint, "pid"))
     except OSError:
         pid = 0
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)

@@ -12,8 +12,9 @@ from three others:
   their counters are read when asked, never copied (``Metrics.bind``);
 - read by Prometheus (``metrics_addr``: prometheus_client's own HTTP server, in a thread of
   its own, never on the event loop), by ``azregfs stats`` and ``azregfs check`` (the JSON
-  of the ``user.azregfs.stats`` extended attribute, ``Metrics.snapshot``), and by the debug
-  log, which shows each Azure request next to the FUSE operation that caused it.
+  of the control file ``MNT/.azregfs/stats``, ``Metrics.snapshot``; see control.py), and
+  by the debug log, which shows each Azure request next to the FUSE operation that caused
+  it.
 
 Invariants: the JSON counters and the Prometheus counters are the same numbers, counted at
 one place; labels have low cardinality (operation, status class, error code, errno, tier)
@@ -263,7 +264,7 @@ class Metrics:
     # -- reading ----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything, as the JSON of ``user.azregfs.stats`` (azregfs stats / check)."""
+        """Everything, as the JSON of ``.azregfs/stats`` (azregfs stats / check)."""
         with self.lock:
             azure = {
                 "requests": dict(self.requests), "retries": self.retries,

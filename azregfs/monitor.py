@@ -1,7 +1,7 @@
 """``azregfs stats`` and ``azregfs check``: the operator's view of a running mount.
 
-Both read the daemon's snapshot (the JSON of the ``user.azregfs.stats`` extended attribute
-of the mount's root, see metrics.py) through the mount itself, so they need no port and no
+Both read the daemon's snapshot (the JSON of ``MNT/.azregfs/stats``, see control.py and
+metrics.py) through the mount itself, so they need no port and no
 credentials, and they work for whoever may read the mount. A daemon that does not answer
 blocks the reading thread, never this process: reads time out.
 
@@ -12,6 +12,7 @@ blocks the reading thread, never this process: reads time out.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -19,8 +20,8 @@ import threading
 import time
 from typing import Any
 
-STATS_XATTR = "user.azregfs.stats"
-PROBE_XATTR = "user.azregfs.probe"
+from . import control
+
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 MiB = 1024 * 1024
 
@@ -29,13 +30,13 @@ class NoAnswer(Exception):
     """The mount is not an azregfs mount, is gone, or its daemon does not answer."""
 
 
-def read_xattr(mountpoint: str, name: str, timeout: float) -> dict[str, Any]:
-    """One extended attribute of the mount's root as JSON, within `timeout` seconds."""
+def read_control(mountpoint: str, name: str, timeout: float) -> dict[str, Any]:
+    """One control file of the mount (control.py) as JSON, within `timeout` seconds."""
     result: dict[str, Any] = {}
 
     def read() -> None:
         try:
-            result["value"] = os.getxattr(mountpoint, name)
+            result["value"] = control.read(mountpoint, name)
         except OSError as exc:
             result["error"] = exc
 
@@ -46,7 +47,7 @@ def read_xattr(mountpoint: str, name: str, timeout: float) -> dict[str, Any]:
         raise NoAnswer(f"{mountpoint}: the daemon did not answer within {timeout:g} s")
     error = result.get("error")
     if error is not None:
-        if error.errno in (getattr(os, "ENODATA", 61), 95):  # ENODATA/ENOATTR, ENOTSUP
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
             raise NoAnswer(f"{mountpoint} is not an azregfs mount")
         raise NoAnswer(f"{mountpoint}: {error.strerror}")
     return json.loads(result["value"])
@@ -59,7 +60,7 @@ def snapshot(mountpoint: str, timeout: float = 10.0) -> dict[str, Any]:
         except OSError as exc:
             raise NoAnswer(f"{mountpoint}: {exc.strerror} (is the daemon dead?)") from None
         raise NoAnswer(f"{mountpoint} is not mounted")
-    return read_xattr(mountpoint, STATS_XATTR, timeout)
+    return read_control(mountpoint, "stats", timeout)
 
 
 # -- check ---------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def check(mountpoint: str, timeout: float = 30.0, probe: bool = True) -> tuple[i
         if probe:
             # One cheap request now, so an idle mount is judged on the present, not on
             # its last request of an hour ago.
-            read_xattr(mountpoint, PROBE_XATTR, timeout)
+            read_control(mountpoint, "probe", timeout)
             stats = snapshot(mountpoint, timeout=min(timeout, 10.0))
     except NoAnswer as exc:
         return CRITICAL, f"CRITICAL: {exc}"

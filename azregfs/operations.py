@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from . import control
 from .blockcache import BlockCache, ReadStream
 from .config import Config
 from .driver import BlobInfo, StorageError
@@ -33,9 +34,6 @@ from .writebuffer import WriteBuffer, WriteSession
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
-STATS_XATTR = b"user.azregfs.stats"
-PID_XATTR = b"user.azregfs.pid"
-PROBE_XATTR = b"user.azregfs.probe"
 QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.EISDIR,
          errno.ENOTDIR, errno.EINVAL}
 
@@ -123,6 +121,9 @@ class Operations(pyfuse3.Operations):
         self.enable_writeback_cache = cfg.writeback_cache  # read by pyfuse3.init
         self.metrics = namespace.driver.metrics
         self.metrics.bind(self._live_numbers)
+        self.control = control.Control(
+            {"stats": self._stats_json, "pid": self._pid, "probe": self._probe})
+        self.control_dirs: set[int] = set()  # open handles of the control directory
 
     def _fh(self) -> int:
         self.next_fh += 1
@@ -138,6 +139,15 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if control.is_reserved(parent_inode, name):
+            if parent_inode == control.DIR_INODE and name == b"..":
+                root = self.ns.get(ROOT_INODE)
+                root.lookups += 1
+                return self.ns.attributes(root)
+            found = self.control.lookup(parent_inode, name)
+            if found is None:
+                raise FSError(errno.ENOENT)
+            return found
         parent = self.ns.get(parent_inode)
         if name == b".":
             node = parent
@@ -158,6 +168,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if control.is_control(inode):
+            return self.control.attributes(inode)
         node = self.ns.get(inode)
         await self.ns.refresh(node, self.cfg.attr_timeout)
         return self.ns.attributes(node)
@@ -165,6 +177,8 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        if control.is_control(inode):
+            raise FSError(errno.EACCES)
         node = self.ns.get(inode)
         changes: dict[str, str] = {}
         if fields.update_mode:
@@ -258,10 +272,14 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if control.is_control(inode):
+            if writing:
+                raise FSError(errno.EACCES)
+            return await self.control.open(inode, self._fh())
         node = self.ns.get(inode)
         if node.is_dir:
             raise FSError(errno.EISDIR)
-        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if node.gone and writing:
             # Opened as another rename or unlink took its name: there is no blob to write.
             raise FSError(errno.ESTALE, f"{node.former} was replaced or removed while being "
@@ -292,7 +310,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        parent = self.ns.get(parent_inode)
+        parent = self._parent_to_change(parent_inode, name)
         path = self.ns.child_name(parent, name)
         existing = await self.ns.resolve(path, just_looked_up=True)
         if existing is not None and (existing.is_dir or flags & os.O_EXCL):
@@ -317,7 +335,9 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self.handles[fh]
+        handle = self.handles.get(fh)
+        if handle is None:
+            return self.control.read(fh, off, size)
         session = handle.session or self.writes.session(handle.node)
         if session is not None:
             return await session.read(off, size, self.cache)
@@ -399,12 +419,14 @@ class Operations(pyfuse3.Operations):
         await self._commit(fh)
 
     async def _commit(self, fh: int) -> None:
-        session = self.handles[fh].session
-        if session is not None:
-            await session.commit()
+        handle = self.handles.get(fh)  # None: a control file
+        if handle is not None and handle.session is not None:
+            await handle.session.commit()
 
     @_errors
     async def release(self, fh: int) -> None:
+        if self.control.handles.pop(fh, None) is not None:
+            return
         handle = self.handles.pop(fh)
         handle.node.opens -= 1
         if handle.pinned is not None:
@@ -420,6 +442,12 @@ class Operations(pyfuse3.Operations):
 
     # -- namespace changes -----------------------------------------------------------------
 
+    def _parent_to_change(self, parent_inode: int, name: bytes) -> Node:
+        """The directory in which `name` is to be created, removed or renamed."""
+        if control.is_reserved(parent_inode, name):
+            raise FSError(errno.EACCES)  # the control directory (control.py)
+        return self.ns.get(parent_inode)
+
     async def _existing(self, parent: Node, name: bytes) -> tuple[str, Entry]:
         path = self.ns.child_name(parent, name)
         entry = await self.ns.resolve(path)
@@ -429,7 +457,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        parent = self.ns.get(parent_inode)
+        parent = self._parent_to_change(parent_inode, name)
         path, entry = await self._existing(parent, name)
         if entry.is_dir:
             raise FSError(errno.EISDIR)
@@ -447,7 +475,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        parent = self.ns.get(parent_inode)
+        parent = self._parent_to_change(parent_inode, name)
         path = self.ns.child_name(parent, name)
         if await self.ns.resolve(path, just_looked_up=True) is not None:
             raise FSError(errno.EEXIST)
@@ -462,7 +490,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        parent = self.ns.get(parent_inode)
+        parent = self._parent_to_change(parent_inode, name)
         path, entry = await self._existing(parent, name)
         if not entry.is_dir:
             raise FSError(errno.ENOTDIR)
@@ -487,8 +515,8 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise FSError(errno.EINVAL)
-        old_parent = self.ns.get(parent_inode_old)
-        new_parent = self.ns.get(parent_inode_new)
+        old_parent = self._parent_to_change(parent_inode_old, name_old)
+        new_parent = self._parent_to_change(parent_inode_new, name_new)
         old_path, entry = await self._existing(old_parent, name_old)
         new_path = self.ns.child_name(new_parent, name_new)
         if old_path == new_path:
@@ -611,10 +639,18 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
+        if control.is_control(inode):
+            if inode != control.DIR_INODE:
+                raise FSError(errno.ENOTDIR)
+            fh = self._fh()
+            self.control_dirs.add(fh)
+            return fh
         node = self.ns.get(inode)
         if not node.is_dir:
             raise FSError(errno.ENOTDIR)
         listing = await self.ns.listing(node)
+        if inode == ROOT_INODE:
+            listing.pop(control.CONTROL_NAME, None)  # never listed (control.py)
         fh = self._fh()
         self.dir_handles[fh] = DirHandle(node, sorted(listing.items()))
         node.opens += 1
@@ -622,6 +658,11 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh in self.control_dirs:
+            for index, (name, attrs) in enumerate(self.control.entries()[start_id:], start_id):
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                    return
+            return
         handle = self.dir_handles[fh]
         for index in range(start_id, len(handle.entries)):
             name, entry = handle.entries[index]
@@ -634,6 +675,9 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def releasedir(self, fh: int) -> None:
+        if fh in self.control_dirs:
+            self.control_dirs.discard(fh)
+            return
         handle = self.dir_handles.pop(fh)
         handle.node.opens -= 1
         self.ns.maybe_drop(handle.node)
@@ -642,7 +686,8 @@ class Operations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Namespace changes reach Azure before their request returns, except the marker of
         an empty directory made here (deferred, see localdirs.py): written now."""
-        await self.ns.write_markers(under=self.dir_handles[fh].node.path)
+        if fh not in self.control_dirs:
+            await self.ns.write_markers(under=self.dir_handles[fh].node.path)
 
     @_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
@@ -653,27 +698,31 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # -- extended attributes: a window on the daemon's counters ----------------------------
+    # -- extended attributes: none (see control.py) and the control files ----------------
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        if inode == ROOT_INODE and name == STATS_XATTR:
-            return json.dumps(self.stats()).encode()
-        if inode == ROOT_INODE and name == PID_XATTR:
-            return str(os.getpid()).encode()
-        if inode == ROOT_INODE and name == PROBE_XATTR:
-            # azregfs check: the outcome lands in the metrics' last request; the error
-            # is the caller's to see there, not a failed getxattr.
-            try:
-                await self.driver.probe()
-                return b'{"ok": true}'
-            except StorageError as exc:
-                return json.dumps({"ok": False, "error": str(exc)}).encode()
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        # ENOSYS, not ENODATA: the kernel then stops asking for security.capability before
+        # every write (control.py explains).
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def _stats_json(self) -> bytes:
+        return json.dumps(self.stats()).encode()
+
+    async def _pid(self) -> bytes:
+        return str(os.getpid()).encode()
+
+    async def _probe(self) -> bytes:
+        # azregfs check: the outcome also lands in the metrics' last request.
+        try:
+            await self.driver.probe()
+            return b'{"ok": true}'
+        except StorageError as exc:
+            return json.dumps({"ok": False, "error": str(exc)}).encode()
 
     def stats(self) -> dict[str, Any]:
         return self.metrics.snapshot()

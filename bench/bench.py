@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient, ContainerClient  # noqa: E402
 
+from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import parse_size  # noqa: E402
 
@@ -122,10 +123,10 @@ class Mount:
                 self.process.kill()
                 raise RuntimeError(f"mount failed; see {log_path}")
             time.sleep(0.05)
-        self.pid = int(os.getxattr(path, "user.azregfs.pid"))
+        self.pid = int(control.read(path, "pid"))
 
     def stats(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.azregfs.stats"))
+        return json.loads(control.read(self.path, "stats"))
 
     def peak_rss(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():

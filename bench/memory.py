@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 
+from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import Config, apply, parse_mount_options, parse_size  # noqa: E402
 
@@ -207,7 +208,7 @@ class StatsSamples:
     def run(self) -> None:
         while not self.done.wait(1.0):
             try:
-                row = json.loads(os.getxattr(self.mountpoint, "user.azregfs.stats"))
+                row = json.loads(control.read(self.mountpoint, "stats"))
                 row["rss"] = proc_status_kib(self.pid, "VmRSS")["VmRSS"] * 1024
             except (OSError, KeyError):
                 return
@@ -424,7 +425,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         process = start_mount(azurite, "memory", mountpoint, args.options, workdir / "mnt.log",
                               args.log_level)
         try:
-            pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+            pid = int(control.read(mountpoint, "pid"))
             samples = Samples(pid)
             stats = StatsSamples(mountpoint, pid)
             azurite_rss = Samples(azurite.process.pid, interval=1.0)  # type: ignore[union-attr]
@@ -452,7 +453,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             print(f"idle for {args.idle:.0f} s ...", file=sys.stderr)
             idle_started = len(samples.rows)
             time.sleep(args.idle)
-            final = json.loads(os.getxattr(mountpoint, "user.azregfs.stats"))
+            final = json.loads(control.read(mountpoint, "stats"))
             for sampler in (samples, stats, azurite_rss):
                 sampler.done.set()
             for thread in threads:

@@ -31,6 +31,7 @@ from typing import Any
 
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContainerClient
 
+from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite
 
 CONTAINER = "walkbench"
@@ -95,7 +96,7 @@ def find_count(mountpoint: Path) -> int:
 
 
 def stats(mountpoint: Path) -> dict[str, Any]:
-    return json.loads(os.getxattr(mountpoint, "user.azregfs.stats"))
+    return json.loads(control.read(mountpoint, "stats"))
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -193,7 +194,7 @@ def main() -> int:
         print("azregfs", flush=True)
         process = mount(azurite, mountpoint, work / "daemon.log", args.options)
         try:
-            pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+            pid = int(control.read(mountpoint, "pid"))
             entries, figures["find_cold_s"] = timed("find | wc -l (cold)",
                                                     lambda: find_count(mountpoint))
             assert entries == 1 + directories + count, (entries, directories, count)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 
+from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import parse_size  # noqa: E402
 
@@ -107,7 +108,7 @@ def stop_mount(path: Path, process: subprocess.Popen) -> None:
 
 
 def bench_mount(source: Path, mountpoint: Path, size: int, bs: str = "1M") -> dict:
-    pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+    pid = int(control.read(mountpoint, "pid"))
     with open(f"/proc/{pid}/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
     rss_before = proc_status_kib(pid, "VmRSS")
@@ -119,7 +120,7 @@ def bench_mount(source: Path, mountpoint: Path, size: int, bs: str = "1M") -> di
     seconds = time.monotonic() - started
     sampler.done.set()
     sampler.join()
-    stats = json.loads(os.getxattr(mountpoint, "user.azregfs.stats"))
+    stats = json.loads(control.read(mountpoint, "stats"))
     if os.stat(mountpoint / "f").st_size != size:
         raise RuntimeError("the file written through the mount has the wrong size")
     return {

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
+from azregfs import control
 from azregfs.azurite import Azurite
 
 
@@ -55,7 +56,7 @@ class Mount:
     args: list[str] = field(default_factory=list)
 
     def stats(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.azregfs.stats"))
+        return json.loads(control.read(self.path, "stats"))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

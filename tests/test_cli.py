@@ -17,6 +17,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from conftest import Mount, azregfs_command, blob_names
 
+from azregfs import control
 from azregfs.azurite import DEV_ACCOUNT, DEV_KEY, Azurite, free_port
 
 # Another key that is valid base64 of the right length, but not the account's.
@@ -42,7 +43,7 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = ERROR_TIMEOUT,
 
 
 def daemon_pid(path: Path) -> int:
-    return int(os.getxattr(path, "user.azregfs.pid"))
+    return int(control.read(path, "pid"))
 
 
 def pid_alive(pid: int) -> bool:

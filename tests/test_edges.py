@@ -20,13 +20,15 @@ import pytest
 from azure.storage.blob import ContainerClient, ContentSettings
 from conftest import Mount, need
 
+from azregfs import control
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 BLOCK = 8 * MiB  # the default block_size
 
 
 def daemon_pid(mount: Mount) -> int:
-    return int(os.getxattr(mount.path, "user.azregfs.pid"))
+    return int(control.read(mount.path, "pid"))
 
 
 def vm_kib(pid: int, field: str) -> int:

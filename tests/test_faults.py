@@ -47,7 +47,7 @@ from azure.storage.blob import ContainerClient
 from conftest import Mount, azregfs_command, blob_names, need
 from registry_util import REGISTRY_PREFIX, chunked_upload, get_blob, torn_blobs, upload_files
 
-from azregfs import faultproxy
+from azregfs import control, faultproxy
 from azregfs.azurite import Azurite
 from azregfs.faultproxy import FaultProxy, Rule
 from azregfs.oci import Image, Registry, build_image, read_image, skopeo_copy, verify_layout
@@ -769,7 +769,7 @@ def test_mount_at_once_over_a_just_killed_daemon(
     mount()
     (own_mountpoint / "kept").write_bytes(b"k")
     os.stat(own_mountpoint)
-    pid = int(os.getxattr(own_mountpoint, "user.azregfs.pid"))
+    pid = int(control.read(own_mountpoint, "pid"))
     os.kill(pid, 9)
     wait_until_dead(pid)
     assert "detaching a stale mount" in mount()
@@ -789,7 +789,7 @@ def test_sigkill_during_push_then_mount_on_the_dead_mountpoint(
     mount = mount_command(proxy, azurite, container, mountpoint, "-o",
                           f"{FAST},dirty_budget=16M,log_file={tmp_path / 'azregfs.log'}")
     mount()
-    pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+    pid = int(control.read(mountpoint, "pid"))
     registry = Registry(mountpoint, tmp_path / "registry").start()
     push = None
     try:

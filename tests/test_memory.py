@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from azregfs import control
+
 MiB = 1024 * 1024
 CACHE_SIZE = 64 * MiB
 DIRTY_BUDGET = 64 * MiB
@@ -84,7 +86,7 @@ def read_hash(path: Path, read_size: int) -> str:
 def test_rss_stays_within_cache_and_dirty_budgets(mount_factory, container) -> None:
     mnt = mount_factory(container.container_name, "-o",
                         f"cache_size={CACHE_SIZE},dirty_budget={DIRTY_BUDGET}")
-    pid = int(os.getxattr(mnt.path, "user.azregfs.pid"))
+    pid = int(control.read(mnt.path, "pid"))
     pattern = Pattern()
     done, stop = threading.Event(), threading.Event()
     errors: list[str] = []

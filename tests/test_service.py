@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import blob_names, need
 
-from azregfs import config
+from azregfs import config, control
 from azregfs.azurite import DEV_ACCOUNT, DEV_KEY, Azurite
 from azregfs.mounthelper import translate
 
@@ -296,7 +296,7 @@ def helper_link() -> Iterator[Path]:
 def _unmount_and_wait(mountpoint: Path) -> None:
     if not os.path.ismount(mountpoint):
         return
-    pid = int(os.getxattr(mountpoint, "user.azregfs.pid"))
+    pid = int(control.read(mountpoint, "pid"))
     subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
