@@ -25,8 +25,8 @@ file per writer exist at a time. Azurite stores its blobs in files under the wor
 (``--azurite-in-memory`` for its memory store, which keeps deleted blobs until its GC runs,
 every 10 minutes: a run writes well over 10 GiB).
 
-The daemon's VmRSS (``/proc/PID/status``, PID from ``user.azregfs.pid``) is sampled every
-100 ms; the stats extended attribute every second. After the workload the mount stays idle
+The daemon's VmRSS (``/proc/PID/status``, PID from ``MNT/.azregfs/pid``) is sampled every
+100 ms; ``MNT/.azregfs/stats`` every second. After the workload the mount stays idle
 for ``--idle`` seconds; the idle RSS is the last sample of that wait. Run as root (it
 mounts). The daemon is the checkout this file is in (its directory goes first on the
 mount's PYTHONPATH), so ``python /other/checkout/bench/memory.py`` measures that one.
@@ -197,7 +197,7 @@ class Samples:
 
 @dataclass
 class StatsSamples:
-    """The stats extended attribute every second, with the RSS of that moment: what the
+    """The stats control file every second, with the RSS of that moment: what the
     budgets account for (cached blocks, dirty data) and what they do not."""
 
     mountpoint: Path
