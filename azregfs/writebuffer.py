@@ -1,7 +1,9 @@
 """The write path: per-file write sessions that stage blocks while the file is written and
 commit them on flush/fsync, so no other client ever sees a half-written blob.
 
-A session describes the file as a list of contiguous segments covering [0, size):
+A session describes the file as a list of contiguous segments covering [0, size), kept by
+segments.py (split, merge, cut, and the block plan of a commit: pure, unit-tested); this
+module stages and commits them:
 
 - COMMITTED: a block of the base blob whose ID can be reused in Put Block List as is;
 - BASE: a byte range of the base blob that must be re-uploaded if it is to be kept
@@ -60,141 +62,37 @@ as a growing hole.
 
 from __future__ import annotations
 
-import bisect
-import enum
 import errno
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
 from .blockcache import BlockCache
 from .driver import BlobInfo, Driver, StorageError
 from .namespace import FSError, Node
+from .segments import (
+    MAX_BLOCKS,
+    ZERO_BLOCK,
+    Kind,
+    Segment,
+    SegmentMap,
+    TooManyBlocks,
+    plan_blocks,
+)
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 SHUTDOWN_COMMITS = 16  # sessions committed at once when the daemon stops
-MAX_BLOCKS = 50_000
 MAX_BLOCK_BYTES = 4000 * MiB  # Put Block's largest block
 APPEND_CHUNK = 4 * MiB
 MAX_APPEND_SIZE = MAX_BLOCKS * APPEND_CHUNK
 SINGLE_PUT_MAX = 64 * MiB
 ID_INDEX_DIGITS = 8
 DEFAULT_ID_LENGTH = 32
-
-
-class Kind(enum.Enum):
-    COMMITTED = "committed"
-    BASE = "base"
-    STAGED = "staged"
-    DIRTY = "dirty"
-    ZERO = "zero"
-
-
-@dataclass(eq=False)
-class Segment:
-    start: int
-    length: int
-    kind: Kind
-    block_id: str = ""  # COMMITTED and STAGED
-    base_offset: int = 0  # COMMITTED and BASE: where the bytes are in the base blob
-    data: bytearray | None = None  # DIRTY
-    alive: bool = True
-    # DIRTY data being staged: a worker thread reads it, so it is never changed in place;
-    # later writes to its range replace the segment instead.
-    frozen: bool = False
-    data_offset: int = 0  # a piece of a DIRTY segment (see _piece): where it starts in data
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
-
-
-class TooManyBlocks(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size  # bytes planned when the count went past the limit
-
-
-ZERO_BLOCK = -1  # in a plan: the all-zero block, staged once per commit
-
-
-def plan_blocks(segments: list[Segment], block_size: int,
-                max_blocks: int = MAX_BLOCKS) -> tuple[list[str | int], list[list[Segment]]]:
-    """The block list of a commit: (plan, runs).
-
-    Each plan item is a block ID to reuse (COMMITTED, STAGED), the index of a run in runs
-    to stage (pieces of BASE, DIRTY and ZERO segments, packed into full blocks: a block
-    may span several segments, so small pieces never multiply the block count), or
-    ZERO_BLOCK for a block that is all hole. Memory is proportional to the number of blocks,
-    never to a hole's length; past max_blocks it raises TooManyBlocks at once.
-    """
-    plan: list[str | int] = []
-    runs: list[list[Segment]] = []
-    current: list[Segment] = []
-    current_len = 0
-    position = 0
-
-    def add(item: str | int, count: int = 1) -> None:
-        if len(plan) + count > max_blocks:
-            raise TooManyBlocks(position)
-        plan.extend([item] * count)
-
-    def close_run() -> None:
-        nonlocal current, current_len
-        if not current:
-            return
-        if current_len == block_size and all(p.kind is Kind.ZERO for p in current):
-            add(ZERO_BLOCK)
-        else:
-            add(len(runs))
-            runs.append(current)
-        current, current_len = [], 0
-
-    for seg in segments:
-        position = seg.start
-        if seg.kind in (Kind.COMMITTED, Kind.STAGED):
-            close_run()
-            add(seg.block_id)
-            continue
-        pos = seg.start
-        while pos < seg.end:
-            position = pos
-            if seg.kind is Kind.ZERO and not current and seg.end - pos >= block_size:
-                whole = (seg.end - pos) // block_size
-                add(ZERO_BLOCK, whole)
-                pos += whole * block_size
-                continue
-            take = min(seg.end - pos, block_size - current_len)
-            current.append(_piece(seg, pos, take))
-            current_len += take
-            pos += take
-            if current_len == block_size:
-                close_run()
-    position = segments[-1].end if segments else 0
-    close_run()
-    return plan, runs
-
-
-def _piece(seg: Segment, start: int, length: int) -> Segment:
-    """Bytes [start, start+length) of a BASE, DIRTY or ZERO segment, sharing its data."""
-    if start == seg.start and length == seg.length:
-        return seg
-    offset = start - seg.start
-    piece = Segment(start, length, seg.kind, base_offset=seg.base_offset + offset)
-    if seg.kind is Kind.DIRTY:
-        # No memoryview kept: an export would forbid the bytearray to grow later.
-        piece.data, piece.data_offset = seg.data, seg.data_offset + offset
-    return piece
-
-
-def _all_zero(data: bytes | bytearray) -> bool:
-    return data.count(0) == len(data)
 
 
 def _human(size: int) -> str:
@@ -338,11 +236,11 @@ class WriteSession:
         self.name = name
         self.base = base
         self.block_size = buffer.block_size
-        self.segments: list[Segment] = []
-        self.size = base.size if base else 0
+        self.map = SegmentMap(self.block_size, self._account, self._block_full)
         self.laid_out = base is None or base.size == 0  # segments built from the base?
         if base is not None and base.size:
-            self.segments = [Segment(0, base.size, Kind.BASE)]
+            self.map.segments = [Segment(0, base.size, Kind.BASE)]
+            self.map.size = base.size
         self.append_mode = base is not None and base.is_append
         self.appended = base.size if base and base.is_append else 0
         self.target_is_append = base is not None and base.is_append
@@ -390,7 +288,7 @@ class WriteSession:
             return  # cannot make unique IDs of that length: restage as BASE
         self.token = secrets.token_hex(id_length)[: id_length - ID_INDEX_DIGITS]
         # Only the untouched base range can become blocks (writes may already have cut it).
-        base_segments = [s for s in self.segments if s.kind is Kind.BASE]
+        base_segments = [s for s in self.map.segments if s.kind is Kind.BASE]
         if len(base_segments) != 1 or base_segments[0].start != 0:
             return
         whole = base_segments[0]
@@ -403,32 +301,26 @@ class WriteSession:
             offset += block.size
         rest = [Segment(offset, whole.end - offset, Kind.BASE, base_offset=offset)] \
             if offset < whole.end else []
-        index = self.segments.index(whole)
+        index = self.map.segments.index(whole)
         whole.alive = False
-        self.segments[index:index + 1] = committed + rest
+        self.map.segments[index:index + 1] = committed + rest
 
     def _new_block_id(self) -> str:
         index = self.next_index
         self.next_index += 1
         return f"{self.token}{index:0{ID_INDEX_DIGITS}d}"
 
-    def _find(self, offset: int) -> int:
-        """Index of the segment containing offset (offset < size)."""
-        return bisect.bisect_right(self.segments, offset, key=lambda s: s.start) - 1
+    @property
+    def size(self) -> int:
+        return self.map.size
 
     def _account(self, delta: int) -> None:
         self.dirty_bytes += delta
         self.buffer.budget.adjust(delta)
 
-    def _add_dirty(self, start: int, data: bytes | bytearray) -> Segment:
-        seg = Segment(start, len(data), Kind.DIRTY, data=bytearray(data))
-        self._account(len(data))
-        return seg
-
-    def _retire(self, seg: Segment) -> None:
-        if seg.alive and seg.kind is Kind.DIRTY and seg.data is not None:
-            self._account(-len(seg.data))
-        seg.alive = False
+    def _block_full(self, seg: Segment) -> None:
+        if not self.append_mode:  # append mode sends Append Blocks at commit instead
+            self._stage_soon(seg)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -442,20 +334,20 @@ class WriteSession:
             # the lock would yield to the scheduler on every write, a third of the cost of
             # a 4 KiB write. Nothing here awaits, so it is atomic like the locked path.
             self._check_growth(offset + len(data), False)
-            self._extend(data)
+            self.map.extend(data)
             self._written()
             return len(data)
         if not self.target_is_append or self.append_mode:
             await self.buffer.budget.wait_for_room(len(data))
         async with self.lock:
-            self._check_growth(offset + len(data), self.append_mode and offset == self.size)
-            if self.append_mode and offset != self.size:
+            self._check_growth(offset + len(data), self.append_mode and offset == self.map.size)
+            if self.append_mode and offset != self.map.size:
                 await self._leave_append_mode()
             if not self.append_mode:
                 await self._lay_out()
             await self._write_locked(offset, data)
         self._written()
-        if self.append_mode and self.size - self.appended >= self.block_size:
+        if self.append_mode and self.map.size - self.appended >= self.block_size:
             async with self.lock:
                 await self._append_pending(force_all=False)
         return len(data)
@@ -464,7 +356,7 @@ class WriteSession:
         """Can this write be appended with no await: at the end of a block-blob session
         that is laid out, not locked (no commit or truncate under way), within budget?"""
         budget = self.buffer.budget
-        return (offset == self.size and self.laid_out and not self.target_is_append
+        return (offset == self.map.size and self.laid_out and not self.target_is_append
                 and not self.lock.locked()
                 and (not budget.used or budget.used + length <= budget.limit))
 
@@ -472,119 +364,30 @@ class WriteSession:
         self.changed = True
         self.failed_commit = False
         self.metadata.pop("mtime", None)  # a write after utime() sets mtime to now, as POSIX
-        self.node.size = self.size
+        self.node.size = self.map.size
         self.node.mtime = time.time()
 
     async def _write_locked(self, offset: int, data: bytes) -> None:
-        if offset > self.size:
-            self._grow_hole(offset)
+        if offset > self.map.size:
+            self.map.grow_hole(offset)
         end = offset + len(data)
-        overlap_end = min(end, self.size)
+        overlap_end = min(end, self.map.size)
         if offset < overlap_end:
             await self._overwrite(offset, data[: overlap_end - offset])
-        if end > self.size:
-            self._extend(data[max(0, self.size - offset):])
-
-    def _grow_hole(self, size: int) -> None:
-        """Zeros up to size: one ZERO segment, or a longer trailing one (no memory)."""
-        tail = self.segments[-1] if self.segments else None
-        if tail is not None and tail.kind is Kind.ZERO:
-            tail.length += size - self.size  # only ever read under the lock
-        else:
-            self.segments.append(Segment(self.size, size - self.size, Kind.ZERO))
-        self.size = size
-
-    def _extend(self, data: bytes) -> None:
-        """Append data at the end of the file, filling the tail block first."""
-        if self.segments and self.segments[-1].kind is Kind.ZERO and _all_zero(data):
-            self._grow_hole(self.size + len(data))  # e.g. posix_fallocate's emulation
-            return
-        view = memoryview(data)
-        while view:
-            tail = self.segments[-1] if self.segments else None
-            if tail is not None and tail.kind is Kind.DIRTY and not tail.frozen \
-                    and tail.length < self.block_size:
-                take = view[: self.block_size - tail.length]
-                tail.data += take  # type: ignore[operator]
-                tail.length += len(take)
-                self._account(len(take))
-            else:
-                take = view[: self.block_size]
-                tail = self._add_dirty(self.size, take)
-                self.segments.append(tail)
-            self.size += len(take)
-            view = view[len(take):]
-            if tail.length >= self.block_size and not self.append_mode:
-                self._stage_soon(tail)
+        if end > self.map.size:
+            self.map.extend(data[max(0, self.map.size - offset):])
 
     async def _overwrite(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
-        while True:
-            index = self._find(offset)
-            touched = []
-            i = index
-            while i < len(self.segments) and self.segments[i].start < end:
-                touched.append(self.segments[i])
-                i += 1
-            partial_staged = [
-                s for s in touched
-                if s.kind is Kind.STAGED and (s.start < offset or s.end > end)
-            ]
-            if not partial_staged:
-                break
-            await self._commit_locked()  # makes STAGED blocks COMMITTED, hence readable
+        while self.map.cuts_staged(offset) or self.map.cuts_staged(end):
+            await self._commit_locked()  # makes STAGED blocks COMMITTED, hence cuttable
             await self._lay_out()
-        if all(s.kind is Kind.ZERO for s in touched) and _all_zero(data):
-            return  # zeros over a hole change nothing (posix_fallocate's emulation)
-        replacement: list[Segment] = []
-        for seg in touched:
-            lo, hi = max(seg.start, offset), min(seg.end, end)
-            piece = data[lo - offset:hi - offset]
-            if seg.kind is Kind.DIRTY and not seg.frozen:
-                seg.data[lo - seg.start:hi - seg.start] = piece  # type: ignore[index]
-                replacement.append(seg)
-                continue
-            self._retire(seg)
-            if seg.start < lo:
-                replacement.append(self._slice(seg, seg.start, lo))
-            replacement.append(self._add_dirty(lo, piece))
-            if hi < seg.end:
-                replacement.append(self._slice(seg, hi, seg.end))
-        self.segments[index:index + len(touched)] = self._merge_small(replacement)
-
-    def _slice(self, seg: Segment, lo: int, hi: int) -> Segment:
-        """The part [lo, hi) of a retired segment, as a segment that can stand alone."""
-        if seg.kind is Kind.ZERO:
-            return Segment(lo, hi - lo, Kind.ZERO)
-        if seg.kind in (Kind.BASE, Kind.COMMITTED):
-            return Segment(lo, hi - lo, Kind.BASE, base_offset=seg.base_offset + lo - seg.start)
-        if seg.kind is Kind.DIRTY:
-            assert seg.data is not None
-            return self._add_dirty(lo, seg.data[lo - seg.start:hi - seg.start])
-        raise AssertionError(f"cannot slice a {seg.kind} segment")
-
-    def _merge_small(self, segments: list[Segment]) -> list[Segment]:
-        """Join neighbouring unfrozen DIRTY segments while they fit in one block."""
-        merged: list[Segment] = []
-        for seg in segments:
-            prev = merged[-1] if merged else None
-            if (prev is not None and prev.kind is Kind.DIRTY and seg.kind is Kind.DIRTY
-                    and not prev.frozen and not seg.frozen and prev is not seg
-                    and prev.length + seg.length <= self.block_size):
-                prev.data += seg.data  # type: ignore[operator]
-                prev.length += seg.length
-                seg.alive = False
-                continue
-            merged.append(seg)
-        return merged
+        self.map.overwrite(offset, data)
 
     def truncate_now(self, size: int) -> None:
         """Truncate to zero (open with O_TRUNC): synchronous, nothing needed from Azure."""
         assert size == 0
-        for seg in self.segments:
-            self._retire(seg)
-        self.segments = []
-        self.size = 0
+        self.map.clear()
         self.laid_out = True
         self.append_mode = False
         self.changed = True
@@ -598,28 +401,20 @@ class WriteSession:
             self._check_growth(size)
             if size == 0:
                 self.truncate_now(0)
-            elif size > self.size:
+            elif size > self.map.size:
                 await self._leave_append_mode()
-                self._grow_hole(size)
-            elif size < self.size:
+                self.map.grow_hole(size)
+            elif size < self.map.size:
                 await self._leave_append_mode()
                 await self._lay_out()
-                seg = self.segments[self._find(size)]
-                if seg.kind is Kind.STAGED and seg.start < size:
+                if self.map.cuts_staged(size):
                     # An uncommitted block cannot be cut: commit, then cut the committed one.
                     await self._commit_locked()
                     await self._lay_out()
-                index = self._find(size)
-                seg = self.segments[index]
-                keep = self.segments[:index]
-                tail = self._slice(seg, seg.start, size) if seg.start < size else None
-                for dropped in self.segments[index:]:
-                    self._retire(dropped)
-                self.segments = keep + ([tail] if tail else [])
-                self.size = size
+                self.map.cut(size)
             self.changed = True
             self.failed_commit = False
-            self.node.size = self.size
+            self.node.size = self.map.size
             self.node.mtime = time.time()
 
     # -- limits ----------------------------------------------------------------------------
@@ -635,7 +430,7 @@ class WriteSession:
 
     def _check_growth(self, size: int, appending: bool = False) -> None:
         """EFBIG, before anything changes, for a size the blob could never be committed at."""
-        if size <= self.size or size <= (limit := self.limit(appending)):
+        if size <= self.map.size or size <= (limit := self.limit(appending)):
             return
         if appending:
             why = (f"an append blob holds at most {MAX_BLOCKS:,} blocks of 4 MiB "
@@ -662,7 +457,7 @@ class WriteSession:
         """Budget pressure: upload every unfrozen DIRTY segment now, full or not."""
         if self.append_mode or self.committing:
             return  # a commit plans its blocks from the segments: no stage may change them
-        for seg in self.segments:
+        for seg in self.map.segments:
             if seg.kind is Kind.DIRTY and not seg.frozen:
                 self._stage_soon(seg)
 
@@ -690,8 +485,8 @@ class WriteSession:
 
     async def _append_pending(self, force_all: bool) -> None:
         """Append Block the data past what the append blob already holds, in order."""
-        while self.appended < self.size:
-            pending = [s for s in self.segments if s.end > self.appended]
+        while self.appended < self.map.size:
+            pending = [s for s in self.map.segments if s.end > self.appended]
             data = b"".join(
                 bytes(s.data[max(0, self.appended - s.start):])  # type: ignore[index]
                 for s in pending if s.kind is Kind.DIRTY
@@ -709,11 +504,11 @@ class WriteSession:
         """Bytes now in the append blob leave memory and become part of the BASE range."""
         self.appended += count
         kept: list[Segment] = []
-        for seg in self.segments:
+        for seg in self.map.segments:
             if seg.kind is Kind.DIRTY and seg.start < self.appended:
                 cut = self.appended - seg.start
                 if cut >= seg.length:
-                    self._retire(seg)
+                    self.map.retire(seg)
                     continue
                 self._account(-cut)
                 seg.data = bytearray(seg.data[cut:])  # type: ignore[index]
@@ -721,7 +516,7 @@ class WriteSession:
                 seg.length -= cut
             kept.append(seg)
         head = [Segment(0, self.appended, Kind.BASE)]
-        self.segments = head + [s for s in kept if s.kind is not Kind.BASE]
+        self.map.segments = head + [s for s in kept if s.kind is not Kind.BASE]
         if self.base is not None:
             self.base.etag = etag
             self.base.size = self.appended
@@ -738,19 +533,19 @@ class WriteSession:
     async def read(self, offset: int, size: int, cache: BlockCache) -> bytes:
         """Read your writes: unflushed data from memory, the rest from the base blob."""
         async with self.lock:
-            end = min(offset + size, self.size)
+            end = min(offset + size, self.map.size)
             if offset >= end:
                 return b""
             if any(s.kind is Kind.STAGED and s.start < end and s.end > offset
-                   for s in self.segments):
+                   for s in self.map.segments):
                 await self._commit_locked()
             # Memory is copied before the first await: a background stage may turn a DIRTY
             # segment STAGED (data gone) while a base range is being fetched.
             base = self.base
             parts: list[bytes | tuple[int, int]] = []  # bytes, or a (start, length) of base
-            index = self._find(offset)
-            while index < len(self.segments) and self.segments[index].start < end:
-                seg = self.segments[index]
+            index = self.map.find(offset)
+            while index < len(self.map.segments) and self.map.segments[index].start < end:
+                seg = self.map.segments[index]
                 lo, hi = max(seg.start, offset), min(seg.end, end)
                 if seg.kind is Kind.DIRTY:
                     parts.append(bytes(seg.data[lo - seg.start:hi - seg.start]))  # type: ignore[index]
@@ -841,33 +636,33 @@ class WriteSession:
             log.warning("rewriting append blob %s as a block blob", self.name)
             await self.driver.delete(self.name)
             self.target_is_append = False
-        dirty_only = all(s.kind in (Kind.DIRTY, Kind.ZERO) for s in self.segments)
-        holes = sum(s.length for s in self.segments if s.kind is Kind.ZERO)
-        if dirty_only and self.size <= SINGLE_PUT_MAX and holes <= self.block_size:
+        dirty_only = all(s.kind in (Kind.DIRTY, Kind.ZERO) for s in self.map.segments)
+        holes = sum(s.length for s in self.map.segments if s.kind is Kind.ZERO)
+        if dirty_only and self.map.size <= SINGLE_PUT_MAX and holes <= self.block_size:
             data = b"".join(
                 bytes(s.data) if s.kind is Kind.DIRTY else bytes(s.length)  # type: ignore[arg-type]
-                for s in self.segments
+                for s in self.map.segments
             )
             return await self.driver.put(self.name, data, self.metadata, self.content_type,
                                          exclusive=self.exclusive)
         block_ids = await self._stage_all()
-        return await self.driver.commit_blocks(self.name, block_ids, self.size, self.metadata,
+        return await self.driver.commit_blocks(self.name, block_ids, self.map.size, self.metadata,
                                                self.content_type, exclusive=self.exclusive)
 
     async def _absorb_base(self) -> None:
         """Bring every BASE/COMMITTED range into memory (before the base blob goes away)."""
         assert self.base is not None
-        for i, seg in enumerate(self.segments):
+        for i, seg in enumerate(self.map.segments):
             if seg.kind in (Kind.BASE, Kind.COMMITTED):
                 data = await self.driver.read(self.name, seg.base_offset, seg.length,
                                               self.base.etag)
                 seg.alive = False
-                self.segments[i] = self._add_dirty(seg.start, data)
+                self.map.segments[i] = self.map.add_dirty(seg.start, data)
 
     async def _stage_all(self) -> list[str]:
         """Stage whatever is not yet a block (see ``plan_blocks``); the zero block once."""
         try:
-            plan, runs = plan_blocks(self.segments, self.block_size)
+            plan, runs = plan_blocks(self.map.segments, self.block_size)
         except TooManyBlocks as exc:
             raise FSError(errno.EFBIG, f"{self.name} would need more than {MAX_BLOCKS:,} "
                           f"blocks (Azure's limit) at {exc.size:,} bytes; raise block_size "
@@ -909,11 +704,11 @@ class WriteSession:
 
     def _committed(self, info: BlobInfo) -> None:
         """The blob now is exactly our segments: they all become reusable committed data."""
-        for seg in self.segments:
-            self._retire(seg)
+        for seg in self.map.segments:
+            self.map.retire(seg)
         self.base = info
-        self.size = info.size
-        self.segments = [Segment(0, info.size, Kind.BASE)] if info.size else []
+        self.map.size = info.size
+        self.map.segments = [Segment(0, info.size, Kind.BASE)] if info.size else []
         self.laid_out = info.size == 0
         self.append_mode = info.is_append
         self.target_is_append = info.is_append
@@ -925,7 +720,7 @@ class WriteSession:
         self.node.absorb(info)
 
     def discard(self) -> None:
-        for seg in self.segments:
-            self._retire(seg)
-        self.segments = []
+        for seg in self.map.segments:
+            self.map.retire(seg)
+        self.map.segments = []
         self.node.writing = False

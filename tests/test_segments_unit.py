@@ -17,16 +17,16 @@ from azregfs.blockcache import BlockCache
 from azregfs.config import Config
 from azregfs.driver import BlobInfo, StorageError
 from azregfs.namespace import Entry, FSError, Namespace, Node
-from azregfs.writebuffer import (
-    MAX_APPEND_SIZE,
+from azregfs.segments import (
     MAX_BLOCKS,
     ZERO_BLOCK,
     Kind,
     Segment,
+    SegmentMap,
     TooManyBlocks,
-    WriteBuffer,
     plan_blocks,
 )
+from azregfs.writebuffer import MAX_APPEND_SIZE, WriteBuffer
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -142,9 +142,9 @@ def test_limits_give_efbig_before_anything_changes():
             with pytest.raises(FSError) as caught:
                 await s.write(huge - 1, b"xy")
             assert caught.value.errno == errno.EFBIG
-        assert s.size == 3 and len(s.segments) == 1 and buffer.budget.used == 3
+        assert s.size == 3 and len(s.map.segments) == 1 and buffer.budget.used == 3
         await s.truncate(MAX_BLOCKS * BLOCK)  # exactly the limit is fine
-        assert s.size == MAX_BLOCKS * BLOCK and len(s.segments) == 2
+        assert s.size == MAX_BLOCKS * BLOCK and len(s.map.segments) == 2
 
     trio.run(main)
 
@@ -173,13 +173,13 @@ def test_zero_writes_past_a_hole_and_into_it_stay_a_hole():
         buffer, s = session()
         for offset in range(4095, 64 * MiB, 4096):
             await s.write(offset, b"\0")
-        assert s.size == 64 * MiB and [g.kind for g in s.segments] == [Kind.ZERO]
+        assert s.size == 64 * MiB and [g.kind for g in s.map.segments] == [Kind.ZERO]
         await s.truncate(128 * MiB)
         for offset in range(4095, 128 * MiB, 4096):
             await s.write(offset, b"\0")
-        assert len(s.segments) == 1 and buffer.budget.peak == 0
+        assert len(s.map.segments) == 1 and buffer.budget.peak == 0
         await s.write(2 * GiB - 1, b"Z")
-        assert [g.kind for g in s.segments] == [Kind.ZERO, Kind.DIRTY]
+        assert [g.kind for g in s.map.segments] == [Kind.ZERO, Kind.DIRTY]
         assert buffer.budget.used == 1
 
     trio.run(main)
@@ -302,3 +302,126 @@ def test_a_flat_listing_fills_every_directory_below():
     assert listings["r/a"]["f1"].info is blobs[0] and listings["r/a"]["sub"].is_dir
     assert listings["r/empty"] == {} and listings["r/x"] == {"hidden-by-dir": listings["r/x"][
         "hidden-by-dir"]}
+
+
+# -- the segment map: split, merge, cut, and what it accounts --------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.dirty = 0
+        self.full: list[Segment] = []
+
+    def map(self, block: int = 16) -> SegmentMap:
+        return SegmentMap(block, self.account, self.full.append)
+
+    def account(self, delta: int) -> None:
+        self.dirty += delta
+
+
+def content(segments: SegmentMap) -> bytes:
+    """The file's bytes (BASE/COMMITTED/STAGED shown as 'b', 'c', 's'; holes as 0)."""
+    out = bytearray()
+    for seg in segments.segments:
+        if seg.kind is Kind.DIRTY:
+            assert seg.data is not None and len(seg.data) == seg.length
+            out += seg.data
+        elif seg.kind is Kind.ZERO:
+            out += bytes(seg.length)
+        else:
+            out += seg.kind.value[0].encode() * seg.length
+    return bytes(out)
+
+
+def check_invariants(segments: SegmentMap, recorder: Recorder) -> None:
+    position = 0
+    for seg in segments.segments:
+        assert seg.start == position and seg.length > 0 and seg.alive
+        position = seg.end
+    assert position == segments.size
+    assert recorder.dirty == sum(s.length for s in segments.segments if s.kind is Kind.DIRTY)
+
+
+def test_extend_fills_blocks_and_reports_each_full_one() -> None:
+    recorder = Recorder()
+    segments = recorder.map()
+    segments.extend(b"a" * 10)
+    segments.extend(b"b" * 30)
+    assert [s.length for s in segments.segments] == [16, 16, 8]
+    assert [s.start for s in recorder.full] == [0, 16]
+    assert content(segments) == b"a" * 10 + b"b" * 30
+    check_invariants(segments, recorder)
+
+
+def test_overwrite_splits_base_and_merges_small_dirty_pieces() -> None:
+    recorder = Recorder()
+    segments = recorder.map()
+    segments.segments, segments.size = [Segment(0, 40, Kind.BASE)], 40
+    segments.overwrite(5, b"xy")
+    segments.overwrite(6, b"yz")  # in place over "y", and a new piece merged beside it
+    assert content(segments) == b"b" * 5 + b"xyz" + b"b" * 32
+    assert [s.kind for s in segments.segments] == [Kind.BASE, Kind.DIRTY, Kind.BASE]
+    assert segments.segments[2].base_offset == 8  # where its bytes are in the base blob
+    check_invariants(segments, recorder)
+
+
+def test_zeros_over_a_hole_stay_a_hole_and_cost_nothing() -> None:
+    recorder = Recorder()
+    segments = recorder.map()
+    segments.grow_hole(1 << 40)  # a TiB of hole: one segment
+    segments.overwrite(12345, bytes(100))
+    segments.extend(bytes(4096))
+    assert len(segments.segments) == 1 and segments.size == (1 << 40) + 4096
+    assert recorder.dirty == 0
+
+
+def test_cuts_staged_and_cut() -> None:
+    recorder = Recorder()
+    segments = recorder.map()
+    segments.segments = [Segment(0, 16, Kind.STAGED, block_id="s0"),
+                         Segment(16, 16, Kind.COMMITTED, block_id="c1")]
+    segments.size = 32
+    assert segments.cuts_staged(5) and not segments.cuts_staged(0)
+    assert not segments.cuts_staged(16) and not segments.cuts_staged(20)
+    assert not segments.cuts_staged(32)
+    segments.cut(20)  # a committed block cut becomes a BASE range
+    assert [(s.kind, s.length) for s in segments.segments] == [(Kind.STAGED, 16),
+                                                              (Kind.BASE, 4)]
+    segments.overwrite(0, b"q" * 16)  # a whole STAGED block replaced: no commit needed
+    assert content(segments) == b"q" * 16 + b"bbbb"
+    check_invariants(segments, recorder)
+
+
+def test_random_changes_keep_the_map_whole_and_the_budget_exact() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        recorder = Recorder()
+        segments = recorder.map()
+        model = bytearray()
+        for _ in range(30):
+            action = rng.choice(["extend", "overwrite", "hole", "cut"])
+            if action == "extend":
+                data = bytes(rng.choice([0, 97 + rng.randrange(3)]) for _ in
+                             range(rng.randrange(1, 40)))
+                segments.extend(data)
+                model += data
+            elif action == "overwrite" and model:
+                offset = rng.randrange(len(model))
+                data = bytes([98]) * rng.randrange(1, len(model) - offset + 1)
+                segments.overwrite(offset, data)
+                model[offset:offset + len(data)] = data
+            elif action == "hole":
+                size = len(model) + rng.randrange(1, 50)
+                segments.grow_hole(size)
+                model += bytes(size - len(model))
+            elif action == "cut" and model:
+                size = rng.randrange(len(model))
+                if size == 0:
+                    segments.clear()
+                else:
+                    segments.cut(size)
+                del model[size:]
+            assert content(segments) == bytes(model)
+            check_invariants(segments, recorder)
+        segments.clear()
+        assert recorder.dirty == 0
