@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient  # noqa: E402
+from common import proc_status_kib, start_mount, stop_mount  # noqa: E402
 
 from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite  # noqa: E402
@@ -158,16 +158,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_kib(pid: int, *fields: str) -> dict[str, int]:
-    found: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key = line.split(":", 1)[0]
-            if key in fields:
-                found[key] = int(line.split()[1])
-    return found
 
 
 @dataclass
@@ -378,37 +368,6 @@ def budgets(options: str) -> tuple[int, int]:
     values, _ = parse_mount_options(options) if options else ({}, set())
     apply(cfg, {k: v for k, v in values.items() if k in ("cache_size", "dirty_budget")}, "-o")
     return cfg.cache_size, cfg.dirty_budget
-
-
-def start_mount(azurite: Azurite, container: str, path: Path, options: str,
-                log_path: Path, log_level: str = "INFO") -> subprocess.Popen:
-    path.mkdir(parents=True, exist_ok=True)
-    # The daemon of the checkout this file is in, whatever the venv's editable install says.
-    python_path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string,
-           "PYTHONPATH": python_path}
-    extra = ["-o", options] if options else []
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "azregfs", "mount", "--foreground", "--log-level", log_level,
-             *extra, container, str(path)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(path):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"mount failed, see {log_path}")
-        time.sleep(0.05)
-    return process
-
-
-def stop_mount(path: Path, process: subprocess.Popen) -> None:
-    subprocess.run(["fusermount3", "-u", str(path)], check=False)
-    try:
-        process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        subprocess.run(["fusermount3", "-uz", str(path)], check=False)
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContainerClient
+from common import proc_status_kib, start_mount, stop_mount
 
 from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite
@@ -99,48 +100,8 @@ def stats(mountpoint: Path) -> dict[str, Any]:
     return json.loads(control.read(mountpoint, "stats"))
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def mount(azurite: Azurite, mountpoint: Path, log_path: Path,
-          options: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AZURE_")}
-    env["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
-    extra = ["-o", options] if options else []
-    args = [sys.executable, "-m", "azregfs", "mount", "--foreground", *extra, CONTAINER,
-            str(mountpoint)]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not os.path.ismount(mountpoint):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"mount failed: {log_path.read_text()}")
-        time.sleep(0.05)
-    return process
-
-
-def unmount(mountpoint: Path, process: subprocess.Popen) -> None:
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+def status_mib(pid: int, field: str) -> float:
+    return proc_status_kib(pid, field)[field] / 1024
 
 
 def forget_everything(mountpoint: Path, settle: float = 10.0) -> int:
@@ -192,7 +153,7 @@ def main() -> int:
         figures["directories"] = directories
 
         print("azregfs", flush=True)
-        process = mount(azurite, mountpoint, work / "daemon.log", args.options)
+        process = start_mount(azurite, CONTAINER, mountpoint, args.options, work / "daemon.log")
         try:
             pid = int(control.read(mountpoint, "pid"))
             entries, figures["find_cold_s"] = timed("find | wc -l (cold)",
@@ -204,12 +165,12 @@ def main() -> int:
             figures["list_requests"] = after_walk["driver"]["requests"].get("list", 0)
             figures["head_requests"] = after_walk["driver"]["requests"].get("head", 0)
             figures["inodes_after_walk"] = after_walk["inodes"]
-            figures["rss_after_walk_mib"] = round(rss_mib(pid), 1)
+            figures["rss_after_walk_mib"] = round(status_mib(pid, "VmRSS"), 1)
             figures["inodes_after_drop_caches"] = forget_everything(mountpoint)
-            figures["rss_after_drop_caches_mib"] = round(rss_mib(pid), 1)
-            figures["peak_rss_mib"] = round(peak_rss_mib(pid), 1)
+            figures["rss_after_drop_caches_mib"] = round(status_mib(pid, "VmRSS"), 1)
+            figures["peak_rss_mib"] = round(status_mib(pid, "VmHWM"), 1)
         finally:
-            unmount(mountpoint, process)
+            stop_mount(mountpoint, process, timeout=60)
     for key in ("create_s", "sdk_list_all_s", "sdk_walk_s", "find_cold_s", "find_warm_s"):
         figures[key] = round(figures[key], 2)
     figures["find_cold_vs_sdk_walk"] = round(figures["find_cold_s"] / figures["sdk_walk_s"], 2)

@@ -34,20 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient  # noqa: E402
+from common import proc_status_kib, start_mount, stop_mount  # noqa: E402
 
 from azregfs import control  # noqa: E402
 from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import parse_size  # noqa: E402
 
 MiB = 1024 * 1024
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class RssSampler(threading.Thread):
@@ -62,7 +55,7 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.1):
             try:
-                self.peak_kib = max(self.peak_kib, proc_status_kib(self.pid, "VmRSS"))
+                self.peak_kib = max(self.peak_kib, proc_status_kib(self.pid, "VmRSS")["VmRSS"])
             except OSError:
                 return
 
@@ -79,39 +72,11 @@ def make_source(path: Path, size: int) -> None:
             pass
 
 
-def start_mount(azurite: Azurite, container: str, path: Path, options: str,
-                log_path: Path) -> subprocess.Popen:
-    path.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string}
-    extra = ["-o", options] if options else []
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "azregfs", "mount", "--foreground", "--log-level", "INFO",
-             *extra, container, str(path)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not os.path.ismount(path):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"mount failed, see {log_path}")
-        time.sleep(0.05)
-    return process
-
-
-def stop_mount(path: Path, process: subprocess.Popen) -> None:
-    subprocess.run(["fusermount3", "-u", str(path)], check=False)
-    try:
-        process.wait(timeout=600)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        subprocess.run(["fusermount3", "-uz", str(path)], check=False)
-
-
 def bench_mount(source: Path, mountpoint: Path, size: int, bs: str = "1M") -> dict:
     pid = int(control.read(mountpoint, "pid"))
     with open(f"/proc/{pid}/clear_refs", "w") as refs:
         refs.write("5")  # resets VmHWM to the current RSS
-    rss_before = proc_status_kib(pid, "VmRSS")
+    rss_before = proc_status_kib(pid, "VmRSS")["VmRSS"]
     sampler = RssSampler(pid)
     sampler.start()
     started = time.monotonic()
@@ -128,7 +93,7 @@ def bench_mount(source: Path, mountpoint: Path, size: int, bs: str = "1M") -> di
         "mib_s": size / MiB / seconds,
         "daemon_pid": pid,
         "rss_before_mib": rss_before / 1024,
-        "vm_hwm_mib": proc_status_kib(pid, "VmHWM") / 1024,
+        "vm_hwm_mib": proc_status_kib(pid, "VmHWM")["VmHWM"] / 1024,
         "rss_sampled_peak_mib": sampler.peak_kib / 1024,
         "dirty_peak_mib": stats["dirty_peak"] / MiB,
         "bytes_up": stats["driver"]["bytes_up"],

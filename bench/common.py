@@ -1,0 +1,60 @@
+"""What the benchmarks share: a mount of this checkout started through the CLI, as an
+operator starts one, and stopped; a process's memory figures from /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from azregfs.azurite import Azurite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_mount(azurite: Azurite, container: str, path: Path, options: str, log_path: Path,
+                log_level: str = "INFO", timeout: float = 60.0) -> subprocess.Popen:
+    """`azregfs mount --foreground` of this checkout (whatever the venv's editable install
+    says) on the benchmark's own Azurite, once the mount is live; its log in log_path."""
+    path.mkdir(parents=True, exist_ok=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AZURE_")}
+    env["AZURE_STORAGE_CONNECTION_STRING"] = azurite.connection_string
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    extra = ["-o", options] if options else []
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "azregfs", "mount", "--foreground", "--log-level", log_level,
+             *extra, container, str(path)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(path):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"mount failed, see {log_path}")
+        time.sleep(0.05)
+    return process
+
+
+def stop_mount(path: Path, process: subprocess.Popen, timeout: float = 600.0) -> None:
+    """Unmount (the daemon commits, then exits); force it if it does not within timeout."""
+    if os.path.ismount(path):
+        subprocess.run(["fusermount3", "-u", str(path)], check=False)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        subprocess.run(["fusermount3", "-uz", str(path)], check=False)
+
+
+def proc_status_kib(pid: int, *fields: str) -> dict[str, int]:
+    """Fields of /proc/PID/status in KiB (VmRSS, VmHWM, RssAnon...)."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key = line.split(":", 1)[0]
+            if key in fields:
+                found[key] = int(line.split()[1])
+    return found
