@@ -12,11 +12,12 @@ line an operator can act on and never contains a credential.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
@@ -34,15 +35,16 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import RequestsTransport
+from azure.core.rest import HttpRequest
 from azure.storage.blob import (
     BlobBlock,
-    BlobPrefix,
     BlobProperties,
     BlobType,
     ContainerClient,
     ContentSettings,
 )
 
+from .blobs import BlobInfo, ListPage, list_query, parse_list
 from .config import Config
 from .metrics import Metrics, RequestMeter
 from .throttle import Concurrency, RetryAfterRetry
@@ -50,7 +52,6 @@ from .throttle import Concurrency, RetryAfterRetry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MARKER_KEY = "hdi_isfolder"
 MAX_NAME = 1024
 LIST_PAGE = 5000
 
@@ -61,25 +62,6 @@ class StorageError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.errno = code
-
-
-@dataclass
-class BlobInfo:
-    name: str
-    size: int
-    etag: str
-    mtime: float  # Last-Modified, seconds since the epoch
-    metadata: dict[str, str] = field(default_factory=dict)
-    blob_type: str = "BlockBlob"  # BlockBlob | AppendBlob | PageBlob
-    content_type: str | None = None
-
-    @property
-    def is_marker(self) -> bool:
-        return self.metadata.get(MARKER_KEY, "").lower() == "true"
-
-    @property
-    def is_append(self) -> bool:
-        return self.blob_type == "AppendBlob"
 
 
 @dataclass
@@ -131,18 +113,6 @@ def _lost_answer(name: str, info: Any) -> Any:
     log.info("%s: the write was done by an attempt whose answer was lost; not done twice",
              name)
     return info
-
-
-def _split_level(page: Any) -> tuple[list[BlobInfo], list[str]]:
-    """One page of a delimited listing: the blobs at this level, and the sub-prefixes."""
-    blobs: list[BlobInfo] = []
-    prefixes: list[str] = []
-    for item in page:
-        if isinstance(item, BlobPrefix):
-            prefixes.append(item.name)
-        else:
-            blobs.append(_info(item))
-    return blobs, prefixes
 
 
 def describe(exc: BaseException) -> str:
@@ -390,12 +360,29 @@ class Driver:
 
         return await self._run(f"HEAD {name}", call)
 
+    def _list_page(self, prefix: str, max_results: int, marker: str | None = None,
+                   delimiter: str | None = None) -> ListPage:
+        """One List Blobs request, in a worker thread. Through the client's own pipeline
+        (credentials, retries, the request meter), but parsed by blobs.py, not the SDK."""
+        base, _, sas = self.container.url.partition("?")
+        query = list_query(prefix, delimiter, max_results, marker)
+        request = HttpRequest("GET", f"{base}?{query}" + (f"&{sas}" if sas else ""),
+                              headers={"x-ms-version": self.container.api_version})
+        response = self.container._client._send_request(request)  # the generated client
+        if response.status_code != 200:
+            response.read()
+            error_type = ResourceNotFoundError if response.status_code == 404 \
+                else HttpResponseError
+            error = error_type(response=response)
+            error.error_code = response.headers.get("x-ms-error-code")
+            raise error
+        return parse_list(response.read())
+
     async def has_children(self, prefix: str) -> bool:
         """True if any blob name starts with prefix (which ends in '/')."""
 
         def call() -> bool:
-            pages = self.container.list_blobs(name_starts_with=prefix, results_per_page=1).by_page()
-            return any(True for _ in next(pages, []))
+            return bool(self._list_page(prefix, 1).blobs)
 
         return await self._run(f"LIST {prefix}", call)
 
@@ -405,13 +392,8 @@ class Driver:
         """The whole level under prefix if it fits in one page of `limit`, else None."""
 
         def call() -> tuple[list[BlobInfo], list[str]] | None:
-            pages = self.container.walk_blobs(
-                name_starts_with=prefix or None, include=["metadata"], delimiter="/",
-                results_per_page=limit,
-            ).by_page()
-            page = next(pages, [])
-            level = _split_level(page)
-            return None if pages.continuation_token else level
+            page = self._list_page(prefix, limit, delimiter="/")
+            return None if page.next_marker else (page.blobs, page.prefixes)
 
         return await self._run(f"LIST {prefix}", call)
 
@@ -422,15 +404,16 @@ class Driver:
         nothing, so the bound is checked on what the pages hold, not on the marker."""
 
         def call() -> list[BlobInfo] | None:
-            pages = self.container.list_blobs(
-                name_starts_with=prefix or None, include=["metadata"],
-                results_per_page=min(limit, LIST_PAGE)).by_page()
             blobs: list[BlobInfo] = []
-            for page in pages:
-                blobs += [_info(item) for item in page]
-                if len(blobs) > limit or (len(blobs) == limit and pages.continuation_token):
+            marker: str | None = None
+            while True:
+                page = self._list_page(prefix, min(limit, LIST_PAGE), marker)
+                blobs += page.blobs
+                marker = page.next_marker
+                if len(blobs) > limit or (len(blobs) == limit and marker):
                     return None
-            return blobs
+                if not marker:
+                    return blobs
 
         return await self._run(f"LIST {prefix}", call)
 
@@ -438,40 +421,24 @@ class Driver:
         self, prefix: str
     ) -> AsyncIterator[tuple[list[BlobInfo], list[str]]]:
         """Yield pages of (blobs, sub-prefixes) directly under prefix (delimiter '/')."""
-        pages = self.container.walk_blobs(
-            name_starts_with=prefix or None, include=["metadata"], delimiter="/",
-            results_per_page=LIST_PAGE,
-        ).by_page()
-
-        def next_page() -> tuple[list[BlobInfo], list[str]] | None:
-            page = next(pages, None)  # after the last page the pager ends without a request
-            if page is None:
-                return None
-            return _split_level(page)
-
-        while True:
-            page = await self._run(f"LIST {prefix}", next_page)
-            if page is None:
-                return
-            yield page
+        async for page in self._pages(prefix, delimiter="/"):
+            yield page.blobs, page.prefixes
 
     async def list_all(self, prefix: str) -> AsyncIterator[list[BlobInfo]]:
         """Yield pages of every blob under prefix, at any depth."""
-        pages = self.container.list_blobs(
-            name_starts_with=prefix, include=["metadata"], results_per_page=LIST_PAGE
-        ).by_page()
+        async for page in self._pages(prefix):
+            yield page.blobs
 
-        def next_page() -> list[BlobInfo] | None:
-            page = next(pages, None)
-            if page is None:
-                return None
-            return [_info(item) for item in page]
-
+    async def _pages(self, prefix: str, delimiter: str | None = None
+                     ) -> AsyncIterator[ListPage]:
+        marker: str | None = None
         while True:
-            page = await self._run(f"LIST {prefix}", next_page)
-            if page is None:
-                return
+            page = await self._run(f"LIST {prefix}", functools.partial(
+                self._list_page, prefix, LIST_PAGE, marker, delimiter))
             yield page
+            marker = page.next_marker
+            if not marker:
+                return
 
     async def set_metadata(self, name: str, metadata: dict[str, str]) -> str:
         def call() -> str:

@@ -35,8 +35,9 @@ import cachetools
 import pyfuse3
 import trio
 
+from .blobs import MARKER_KEY
 from .config import Config
-from .driver import MARKER_KEY, MAX_NAME, BlobInfo, Driver, StorageError
+from .driver import MAX_NAME, BlobInfo, Driver, StorageError
 from .localdirs import LocalDirs
 from .recent import RecentFailures
 

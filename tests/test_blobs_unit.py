@@ -1,0 +1,68 @@
+"""blobs.py: List Blobs answers parsed without the SDK's pager (names, prefixes, markers,
+metadata, the next page's marker) and the query that asks for them."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from azregfs.blobs import list_query, parse_list
+
+ANSWER = b"""<?xml version="1.0" encoding="utf-8"?>
+<EnumerationResults ServiceEndpoint="https://acct.blob.core.windows.net/" ContainerName="c">
+  <Prefix>docker/</Prefix><MaxResults>3</MaxResults><Delimiter>/</Delimiter>
+  <Blobs>
+    <Blob>
+      <Name>docker/a</Name>
+      <Properties>
+        <Last-Modified>Tue, 01 Dec 2026 10:00:00 GMT</Last-Modified>
+        <Etag>0x8DC0000000000A</Etag><Content-Length>1234</Content-Length>
+        <Content-Type>application/vnd.oci.image.manifest.v1+json</Content-Type>
+        <BlobType>BlockBlob</BlobType>
+      </Properties>
+      <Metadata><mode>640</mode><uid>1000</uid></Metadata>
+    </Blob>
+    <Blob>
+      <Name Encoded="true">docker/odd%EF%BF%BEname</Name>
+      <Properties><Content-Length>0</Content-Length><BlobType>AppendBlob</BlobType>
+        <Content-Type /></Properties>
+    </Blob>
+    <Blob>
+      <Name>docker/empty</Name>
+      <Properties><Content-Length>0</Content-Length><Etag>0x1</Etag></Properties>
+      <Metadata><hdi_isfolder>true</hdi_isfolder></Metadata>
+    </Blob>
+    <BlobPrefix><Name>docker/registry/</Name></BlobPrefix>
+    <Blob><Properties><Content-Length>5</Content-Length></Properties></Blob>
+  </Blobs>
+  <NextMarker>2!76!MDAwMDE4IWRvY2tlci9lbXB0eQ--</NextMarker>
+</EnumerationResults>"""
+
+
+def test_a_page_gives_blobs_prefixes_and_the_next_marker() -> None:
+    page = parse_list(ANSWER)
+    assert [blob.name for blob in page.blobs] == ["docker/a", "docker/odd\ufffename",
+                                                  "docker/empty"]
+    first, odd, marker = page.blobs
+    assert (first.size, first.etag, first.blob_type) == (1234, "0x8DC0000000000A", "BlockBlob")
+    assert first.mtime == 1796119200.0  # 2026-12-01 10:00:00 UTC
+    assert first.metadata == {"mode": "640", "uid": "1000"}
+    assert first.content_type == "application/vnd.oci.image.manifest.v1+json"
+    assert odd.is_append and odd.content_type is None and odd.metadata == {} and not odd.is_marker
+    assert marker.is_marker
+    assert page.prefixes == ["docker/registry/"]
+    assert page.next_marker == "2!76!MDAwMDE4IWRvY2tlci9lbXB0eQ--"
+
+
+def test_the_last_page_has_no_marker_and_an_empty_one_no_blobs() -> None:
+    page = parse_list(b"<EnumerationResults><Blobs /><NextMarker /></EnumerationResults>")
+    assert page.blobs == [] and page.prefixes == [] and page.next_marker is None
+
+
+def test_the_query_encodes_prefix_and_marker() -> None:
+    query = list_query("a b/&c=d/", "/", 5000, "2!76!x+y/=")
+    fields = parse_qs(query, keep_blank_values=True)
+    assert fields["restype"] == ["container"] and fields["comp"] == ["list"]
+    assert fields["include"] == ["metadata"] and fields["maxresults"] == ["5000"]
+    assert fields["prefix"] == ["a b/&c=d/"] and fields["delimiter"] == ["/"]
+    assert fields["marker"] == ["2!76!x+y/="]
+    assert "prefix" not in parse_qs(list_query("", None, 1, None))
