@@ -45,12 +45,13 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cachetools
 import trio
 
 from .driver import Driver, StorageError
+from .flight import Flight
 from .recent import RecentFailures
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,6 @@ class _Pin:
     blocks: list[bytes]
     size: int
     holders: int = 0
-
-
-@dataclass
-class _Download:
-    done: trio.Event = field(default_factory=trio.Event)
-    data: bytes | None = None
-    error: BaseException | None = None
 
 
 # -- the disk tier ---------------------------------------------------------------------------
@@ -377,7 +371,7 @@ class BlockCache:
         self.fetch_room = _FetchRoom(self.blocks, max(capacity // 2, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
-        self._inflight: dict[Key, _Download] = {}
+        self._inflight: dict[Key, Flight[bytes]] = {}
         # Versions whose read just failed: the kernel's repeat of that READ is answered at once.
         self.failed: RecentFailures[tuple[str, str]] = RecentFailures()
         self._prefetch_limiter = trio.CapacityLimiter(concurrency)
@@ -527,16 +521,12 @@ class BlockCache:
         download = self._inflight.get(key)
         if download is None:
             return await self._fetch(key, blob_size, for_reader=True)
-        await download.done.wait()
-        if download.error is not None:
-            raise download.error
-        assert download.data is not None
-        return download.data
+        return await download.result()
 
     async def _fetch(self, key: Key, blob_size: int, for_reader: bool) -> bytes:
         """Load one block from disk or Azure; hits and misses count readers, not read-ahead."""
         name, etag, index = key
-        download = self._inflight[key] = _Download()
+        download = self._inflight[key] = Flight()
         try:
             start = index * self.block_size
             length = min(self.block_size, blob_size - start)
@@ -550,15 +540,14 @@ class BlockCache:
                     data = await self.driver.read(name, start, length, etag)
                     self.stats.bytes_from_azure += len(data)
                     self._to_disk(key, data)
-            download.data = data
             self.blocks[key] = data
-            return data
         except BaseException as exc:
-            download.error = exc
+            download.fail(exc)
             raise
         finally:
             del self._inflight[key]
-            download.done.set()
+        download.land(data)
+        return data
 
     async def _from_disk(self, key: Key, length: int) -> bytes | None:
         if self.disk is None:
@@ -650,8 +639,9 @@ class BlockCache:
         Blocks a reader started loading since the run was planned are left to that reader
         (checked and claimed with no await in between, so one block never has two loads).
         """
-        downloads = {key: _Download() for key in ((name, etag, index) for index in run)
-                     if not self._loading_or_loaded(key)}
+        downloads: dict[Key, Flight[bytes]] = {
+            key: Flight() for key in ((name, etag, index) for index in run)
+            if not self._loading_or_loaded(key)}
         if not downloads:
             return
         self._inflight.update(downloads)
@@ -666,15 +656,15 @@ class BlockCache:
                 self.stats.bytes_from_azure += len(data)
                 blocks = self._cut(data, first, downloads)
                 del data  # before the room is given back: only the blocks remain
-            for key, download in downloads.items():
-                download.data = blocks[key]
+            for key in downloads:
                 self.blocks[key] = blocks[key]
                 self._to_disk(key, blocks[key])
         except BaseException as exc:
             for download in downloads.values():
-                download.error = exc
+                download.fail(exc)
             raise
         finally:
-            for key, download in downloads.items():
+            for key in downloads:
                 del self._inflight[key]
-                download.done.set()
+        for key, download in downloads.items():
+            download.land(blocks[key])

@@ -38,6 +38,7 @@ import trio
 from .blobs import MARKER_KEY
 from .config import Config
 from .driver import MAX_NAME, BlobInfo, Driver, StorageError
+from .flight import Flight
 from .localdirs import LocalDirs
 from .recent import RecentFailures
 
@@ -105,15 +106,6 @@ class Entry:
 
 
 @dataclass
-class _Flight:
-    """One question to Azure about a path, which concurrent lookups of it share."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    entry: Entry | None = None
-    error: BaseException | None = None
-
-
-@dataclass
 class _Fetch:
     """A listing being fetched: our changes to its directory since the fetch began."""
 
@@ -167,7 +159,8 @@ class Namespace:
         self.big_subtrees: cachetools.TTLCache[str, int] = cachetools.TTLCache(
             maxsize=4096, ttl=300)
         self.generation = 0  # bumped by each change we note: a flat fetch checks it
-        self._asking: dict[str, _Flight] = {}  # path -> the lookup asking Azure about it
+        # path -> the lookup asking Azure about it
+        self._asking: dict[str, Flight[Entry | None]] = {}
         self.failed: RecentFailures[str] = RecentFailures()  # paths whose lookup just failed
         self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
         # Directories whose last listing fit in one small page: lookups there list them.
@@ -352,27 +345,22 @@ class Namespace:
             return None
         flight = self._asking.get(path)
         if flight is not None:  # concurrent lookups of one name (e.g. parallel opens)
-            await flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            return flight.entry
+            return await flight.result()
         self.failed.check(path)
-        flight = self._asking[path] = _Flight()
+        flight = self._asking[path] = Flight()
         try:
-            flight.entry = await self._ask(path)
-        except FSError as exc:
-            flight.error = exc
-            self.failed.note(path, exc)
-            raise
+            entry = await self._ask(path)
         except BaseException as exc:
-            flight.error = exc
+            flight.fail(exc)
+            if isinstance(exc, FSError):
+                self.failed.note(path, exc)
             raise
         finally:
             del self._asking[path]
-            flight.done.set()
-        if flight.entry is None:
+        flight.land(entry)
+        if entry is None:
             self.absent[path] = True
-        return flight.entry
+        return entry
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
