@@ -97,7 +97,7 @@ def parse_list(body: bytes) -> ListPage:
         if item.tag != "Blob":
             continue
         props = item.find("Properties")
-        get = props.findtext if props is not None else (lambda _tag, default=None: default)
+        get = (props if props is not None else ET.Element("Properties")).findtext
         metadata = item.find("Metadata")
         blobs.append(BlobInfo(
             name=name,

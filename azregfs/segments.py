@@ -160,10 +160,14 @@ class SegmentMap:
         seg.alive = False
 
     def clear(self) -> None:
+        self.from_base(0)
+
+    def from_base(self, size: int) -> None:
+        """Retire every segment: the file is now the first `size` bytes of the base blob."""
         for seg in self.segments:
             self.retire(seg)
-        self.segments = []
-        self.size = 0
+        self.segments = [Segment(0, size, Kind.BASE)] if size else []
+        self.size = size
 
     def grow_hole(self, size: int) -> None:
         """Zeros up to size: one ZERO segment, or a longer trailing one (no memory)."""

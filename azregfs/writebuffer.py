@@ -238,9 +238,7 @@ class WriteSession:
         self.block_size = buffer.block_size
         self.map = SegmentMap(self.block_size, self._account, self._block_full)
         self.laid_out = base is None or base.size == 0  # segments built from the base?
-        if base is not None and base.size:
-            self.map.segments = [Segment(0, base.size, Kind.BASE)]
-            self.map.size = base.size
+        self.map.from_base(base.size if base else 0)
         self.append_mode = base is not None and base.is_append
         self.appended = base.size if base and base.is_append else 0
         self.target_is_append = base is not None and base.is_append
@@ -704,11 +702,8 @@ class WriteSession:
 
     def _committed(self, info: BlobInfo) -> None:
         """The blob now is exactly our segments: they all become reusable committed data."""
-        for seg in self.map.segments:
-            self.map.retire(seg)
+        self.map.from_base(info.size)
         self.base = info
-        self.map.size = info.size
-        self.map.segments = [Segment(0, info.size, Kind.BASE)] if info.size else []
         self.laid_out = info.size == 0
         self.append_mode = info.is_append
         self.target_is_append = info.is_append
@@ -720,7 +715,5 @@ class WriteSession:
         self.node.absorb(info)
 
     def discard(self) -> None:
-        for seg in self.map.segments:
-            self.map.retire(seg)
-        self.map.segments = []
+        self.map.clear()
         self.node.writing = False
