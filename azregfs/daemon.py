@@ -1,10 +1,12 @@
 """The daemon: wires driver, namespace, cache and write buffer under one trio nursery, mounts,
 serves until unmounted or signalled, and commits every pending write before it exits.
 
-Shutdown order matters: on SIGTERM/SIGINT the pending writes are committed (then the
-deferred markers of empty directories written) while the mount still serves, then the FUSE
-loop stops, then the mount is removed. After an external unmount (``fusermount3 -u``) the
-loop ends by itself and the same saving runs.
+Shutdown order matters: on SIGTERM/SIGINT the kernel is first asked to hand over the
+writes its writeback cache holds (syncfs on the mount, answered by this very loop), then
+the pending writes are committed (then the deferred markers of empty directories written)
+while the mount still serves, then the FUSE loop stops, then the mount is removed. After
+an external unmount (``fusermount3 -u``) the loop ends by itself and the same saving runs
+(that unmount succeeds only when no file is open, and each close wrote its file back).
 
 Stopping is bounded even when Azure is unreachable: every file is committed at once (each
 fails within its own request bounds, so a stop costs about one commit's bound, not one per
@@ -312,8 +314,38 @@ class Daemon:
                 nursery.start_soon(self._stop)
 
     async def _stop(self) -> None:
-        await self._save_everything()
+        if self.cfg.writeback_cache:
+            with trio.CancelScope() as scope:  # a second signal cancels it, like the save
+                self.saving.add(scope)
+                try:
+                    await self._flush_kernel_cache()
+                finally:
+                    self.saving.discard(scope)
+        if not self.abandoned:
+            await self._save_everything()
         pyfuse3.terminate()
+
+    async def _flush_kernel_cache(self) -> None:
+        """With the writeback cache, what a process wrote to a file it still holds open
+        may be in the kernel's page cache, not here yet; syncfs makes the kernel write it
+        to us (WRITE requests this loop answers), so the save below commits it."""
+        try:
+            await trio.to_thread.run_sync(syncfs, self.mountpoint, abandon_on_cancel=True)
+        except OSError as exc:
+            log.error("could not flush the kernel's cached writes of %s: %s; data written "
+                      "to files still open may be lost", self.mountpoint, exc)
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2) of the filesystem holding `path`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
 
 
 def _write_text(path: str, text: str) -> None:

@@ -3,9 +3,11 @@ consistency rules (close-to-open between hosts, errors at close, O_APPEND)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import signal
 import time
 
 import pytest
@@ -81,3 +83,19 @@ def test_utime_is_kept_but_the_kernels_write_times_cost_nothing(mount_factory,
     mnt.unmount()
     again = mount_factory(container.container_name, *WRITEBACK, name="again")
     assert os.stat(again.path / "f0").st_mtime == 1_500_000_000
+
+
+def test_sigterm_saves_what_the_kernel_still_holds(mount_factory, container) -> None:
+    """Data written to a descriptor still open may sit in the kernel's page cache; a stop
+    (systemctl stop, SIGTERM) asks the kernel for it before the last commits."""
+    mnt = mount_factory(container.container_name, *WRITEBACK)
+    data = os.urandom(3 * MiB + 123)
+    fd = os.open(mnt.path / "open", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, data)
+        mnt.process.send_signal(signal.SIGTERM)
+        assert mnt.process.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(OSError):  # ENOTCONN: the mount is gone under it
+            os.close(fd)
+    assert container.download_blob("open").readall() == data
