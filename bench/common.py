@@ -3,7 +3,9 @@ operator starts one, and stopped; a process's memory figures from /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -58,3 +60,54 @@ def proc_status_kib(pid: int, *fields: str) -> dict[str, int]:
             if key in fields:
                 found[key] = int(line.split()[1])
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (Azurite is node under npx)."""
+    found = [pid]
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    for child in children.stdout.split():
+        found += process_tree(int(child))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds spent by named processes over one step, plus this process (a proxy
+    running in it) and the children it reaped meanwhile (skopeo). On a machine whose
+    cores are all busy, wall time >= total CPU / cores: the step's floor."""
+
+    def __init__(self, processes: dict[str, list[int]]) -> None:
+        self.processes = processes
+
+    def _sample(self) -> dict[str, float]:
+        sample = {}
+        for name, pids in self.processes.items():
+            total = 0.0
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    total += cpu_seconds(pid)
+            sample[name] = total
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        sample["bench (proxy)"] = own.ru_utime + own.ru_stime
+        sample["client (skopeo)"] = children.ru_utime + children.ru_stime
+        return sample
+
+    def __enter__(self) -> CpuMeter:
+        self.before = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = self._sample()
+        self.used = {name: after[name] - self.before[name] for name in after}
+
+    @property
+    def floor(self) -> float:
+        return sum(self.used.values()) / (os.cpu_count() or 1)

@@ -16,6 +16,11 @@ from skopeo's start to its end; its requests also include what the unmount after
 flushed. The pull is cold: the mount is remounted between the two (the remount's own
 requests are in neither column). "sdk ... via proxy" is the same SDK call through the proxy,
 so the proxy's own cost (it shares the machine's cores with Azurite) shows next to it.
+
+The CPU table gives the seconds each process spent during each push and pull: Azurite,
+the registry, the daemon, skopeo, and this process (the proxy runs in it). Their sum over
+the machine's cores is the step's floor: when every process shares a few cores, no design
+of the mount can make the step take less wall time than that.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
+from common import CpuMeter, process_tree
 
 from azregfs.azurite import Azurite
 from azregfs.faultproxy import FaultProxy
@@ -78,16 +84,24 @@ def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 
 def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
-              results: dict[str, float], remount: Callable[[], Registry] | None = None) -> None:
+              results: dict[str, Any], processes: Callable[[], dict[str, list[int]]],
+              remount: Callable[[], Registry] | None = None) -> None:
+    """Push then pull; wall times, and the CPU each process spent (``processes()`` names
+    the ones running at the time: the registry, the daemon, Azurite)."""
     reference = f"docker://{registry.address}/bench/{label}:{image.tag}"
-    results[f"{label} push"] = timed(
-        lambda: skopeo_copy(f"oci:{image.layout}:{image.tag}", reference))
+    with CpuMeter(processes()) as cpu:
+        results[f"{label} push"] = timed(
+            lambda: skopeo_copy(f"oci:{image.layout}:{image.tag}", reference))
+    results["cpu"][f"{label} push"] = cpu.used
     if remount is not None:  # a cold pull: nothing of the image in the daemon's cache
         registry = remount()
         reference = f"docker://{registry.address}/bench/{label}:{image.tag}"
     pulled = workdir / f"pulled-{label}"
     shutil.rmtree(pulled, ignore_errors=True)
-    results[f"{label} pull"] = timed(lambda: skopeo_copy(reference, f"oci:{pulled}:{image.tag}"))
+    with CpuMeter(processes()) as cpu:
+        results[f"{label} pull"] = timed(
+            lambda: skopeo_copy(reference, f"oci:{pulled}:{image.tag}"))
+    results["cpu"][f"{label} pull"] = cpu.used
     assert read_image(pulled, image.tag).digests == image.digests
 
 
@@ -118,7 +132,7 @@ def run(layers_mib: list[float], latency_ms: float, workdir: Path,
 
 def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
             options: str = "") -> dict[str, Any]:
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"cpu": {}}
     image = build_image(workdir / "image", [int(size * MiB) for size in layers_mib],
                         tag="v1", seed=7, compress_below=4 * MiB)
     biggest = max(image.layers, key=lambda layer: layer.size)
@@ -131,9 +145,11 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
         sdk_round_trip(azurite.connection_string, big_layer, "", results)
         sdk_round_trip(proxy.connection_string(azurite), big_layer, " via proxy", results)
 
+        azurite_pids = process_tree(azurite.process.pid)
         local = Registry(workdir / "local-store", workdir / "registry-local").start()
         try:
-            push_pull(image, local, workdir, "local", results)
+            push_pull(image, local, workdir, "local", results,
+                      lambda: {"azurite": azurite_pids, "registry": [local.process.pid]})
         finally:
             local.stop()
 
@@ -154,8 +170,13 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
             marks["pull start"] = proxy.snapshot()
             return state["registry"]
 
+        def processes() -> dict[str, list[int]]:
+            return {"azurite": azurite_pids, "registry": [state["registry"].process.pid],
+                    "daemon": [state["mount"].process.pid]}
+
         try:
-            push_pull(image, state["registry"], workdir, "mount", results, remount=remount)
+            push_pull(image, state["registry"], workdir, "mount", results, processes,
+                      remount=remount)
             marks["pull end"] = proxy.snapshot()
         finally:
             state["registry"].stop()
@@ -181,6 +202,24 @@ def report(runs: list[dict[str, Any]], layers_mib: list[float], latency_ms: floa
     for side in ("push", "pull"):
         ratio = [r[f"mount {side}"] / r[f"local {side}"] for r in runs]
         print(f"{'mount/local ' + side:34s} " + " ".join(f"{x:8.2f}" for x in ratio))
+
+    print()
+    steps = ("local push", "mount push", "local pull", "mount pull")
+    print(f"{'CPU seconds (mean of runs)':34s}" + "".join(f"{step:>12s}" for step in steps))
+    names = sorted({name for r in runs for step in steps for name in r["cpu"][step]})
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    for name in [*names, "total"]:
+        cells = [mean([sum(r["cpu"][step].values()) if name == "total"
+                       else r["cpu"][step].get(name, 0.0) for r in runs]) for step in steps]
+        print(f"{'  ' + name:34s}" + "".join(f"{cell:12.2f}" for cell in cells))
+    cores = os.cpu_count() or 1
+    floors = [mean([sum(r["cpu"][step].values()) / cores for r in runs]) for step in steps]
+    print(f"{f'  floor: total / {cores} cores':34s}" + "".join(f"{f:12.2f}" for f in floors))
+    walls = [mean([r[step] for r in runs]) for step in steps]
+    print(f"{'  wall':34s}" + "".join(f"{w:12.2f}" for w in walls))
 
     width = 7 * len(runs)
     print()
