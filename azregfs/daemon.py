@@ -2,11 +2,13 @@
 serves until unmounted or signalled, and commits every pending write before it exits.
 
 Shutdown order matters: on SIGTERM/SIGINT the kernel is first asked to hand over the
-writes its writeback cache holds (syncfs on the mount, answered by this very loop), then
-the pending writes are committed (then the deferred markers of empty directories written)
-while the mount still serves, then the FUSE loop stops, then the mount is removed. After
-an external unmount (``fusermount3 -u``) the loop ends by itself and the same saving runs
-(that unmount succeeds only when no file is open, and each close wrote its file back).
+writes its writeback cache holds (an fsync of each file being written, answered by this
+very loop; further WRITEs are then refused, so a commit never catches a later page without
+an earlier one), then the pending writes are committed (then the deferred markers of
+empty directories written) while the mount still serves, then the FUSE loop stops, then
+the mount is removed. After an external unmount (``fusermount3 -u``) the loop ends by
+itself and the same saving runs (that unmount succeeds only when no file is open, and
+each close wrote its file back).
 
 Stopping is bounded even when Azure is unreachable: every file is committed at once (each
 fails within its own request bounds, so a stop costs about one commit's bound, not one per
@@ -319,6 +321,7 @@ class Daemon:
                 self.saving.add(scope)
                 try:
                     await self._flush_kernel_cache()
+                    await self.operations.stop_taking_writes("the daemon is stopping")
                 finally:
                     self.saving.discard(scope)
         if not self.abandoned:
@@ -327,26 +330,31 @@ class Daemon:
 
     async def _flush_kernel_cache(self) -> None:
         """With the writeback cache, what a process wrote to a file it still holds open
-        may be in the kernel's page cache, not here yet; syncfs makes the kernel write it
-        to us (WRITE requests this loop answers), so the save below commits it."""
+        may be in the kernel's page cache, not here yet. An fsync of each file being
+        written makes the kernel send it (WRITE requests this loop answers) and returns
+        once every page is in; syncfs would not wait for a FUSE mount's pages."""
+        paths = sorted({session.node.path for session in self.writes.sessions.values()
+                        if not session.deleted and not session.node.gone})
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(self._flush_file, path)
+
+    async def _flush_file(self, path: str) -> None:
+        full = os.path.join(self.mountpoint, path)
         try:
-            await trio.to_thread.run_sync(syncfs, self.mountpoint, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(fsync_path, full, abandon_on_cancel=True)
         except OSError as exc:
-            log.error("could not flush the kernel's cached writes of %s: %s; data written "
-                      "to files still open may be lost", self.mountpoint, exc)
+            log.error("could not take the kernel's cached writes of %s: %s; data written to "
+                      "it since its last close or fsync may be lost", full, exc.strerror or exc)
 
 
-def syncfs(path: str) -> None:
-    """syncfs(2) of the filesystem holding `path`."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: str) -> None:
+    """fsync(2) of a file by its path, through a descriptor of its own."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        if libc.syncfs(fd) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        os.fsync(fd)
     finally:
         os.close(fd)
-
 
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as handle:

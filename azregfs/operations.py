@@ -124,6 +124,10 @@ class Operations(pyfuse3.Operations):
         self.control = control.Control(
             {"stats": self._stats_json, "pid": self._pid, "probe": self._probe})
         self.control_dirs: set[int] = set()  # open handles of the control directory
+        self.writes_in_flight = 0
+        self.refusing_writes: str | None = None  # why, once the daemon stops taking writes
+        self.writes_refused = 0
+        self._writes_drained = trio.lowlevel.ParkingLot()
 
     def _fh(self) -> int:
         self.next_fh += 1
@@ -408,7 +412,29 @@ class Operations(pyfuse3.Operations):
         handle = self.handles[fh]
         if handle.session is None:
             raise FSError(errno.EBADF)
-        return await handle.session.write(off, buf)
+        if self.refusing_writes is not None:
+            error = FSError(errno.EIO, f"write to {handle.name} refused: {self.refusing_writes}")
+            error.repeated = self.writes_refused > 0  # one ERROR line, the rest at debug
+            self.writes_refused += 1
+            raise error
+        self.writes_in_flight += 1
+        try:
+            return await handle.session.write(off, buf)
+        finally:
+            self.writes_in_flight -= 1
+            if not self.writes_in_flight:
+                self._writes_drained.unpark_all()
+
+    async def stop_taking_writes(self, why: str) -> None:
+        """Refuse every WRITE from now on (EIO), and return once those under way are in.
+
+        For a stop with the writeback cache: after syncfs, the kernel may still be sending
+        pages written since, several at once and handled out of order. A commit taken while
+        a later page is in but an earlier one is not would leave zeros between them; once
+        no WRITE is under way, what the sessions hold is every page the kernel sent."""
+        self.refusing_writes = why
+        while self.writes_in_flight:
+            await self._writes_drained.park()
 
     @_errors
     async def flush(self, fh: int) -> None:
