@@ -350,11 +350,12 @@ class Daemon:
 
 def fsync_path(path: str) -> None:
     """fsync(2) of a file by its path, through a descriptor of its own."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
 
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as handle:

@@ -428,8 +428,8 @@ class Operations(pyfuse3.Operations):
     async def stop_taking_writes(self, why: str) -> None:
         """Refuse every WRITE from now on (EIO), and return once those under way are in.
 
-        For a stop with the writeback cache: after syncfs, the kernel may still be sending
-        pages written since, several at once and handled out of order. A commit taken while
+        For a stop with the writeback cache: after the fsyncs, the kernel may still be
+        sending pages written since, several at once and handled out of order. A commit taken while
         a later page is in but an earlier one is not would leave zeros between them; once
         no WRITE is under way, what the sessions hold is every page the kernel sent."""
         self.refusing_writes = why

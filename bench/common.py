@@ -107,7 +107,3 @@ class CpuMeter:
     def __exit__(self, *exc: object) -> None:
         after = self._sample()
         self.used = {name: after[name] - self.before[name] for name in after}
-
-    @property
-    def floor(self) -> float:
-        return sum(self.used.values()) / (os.cpu_count() or 1)
