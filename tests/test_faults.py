@@ -159,10 +159,12 @@ def timed(call: Callable[[], Any]) -> tuple[float, int | None]:
     return time.monotonic() - started, code
 
 
-def backoff_ceiling(retries: int) -> float:
-    """The most the retry policy sleeps over `retries` retries without Retry-After (the
-    driver's RetryAfterRetry: initial 1 s, base 2, jitter 3 s)."""
-    return sum(min(1 + 2 ** count + 3, MAX_BACKOFF) for count in range(1, retries + 1))
+def request_bound(retries: int, timeout: float) -> float:
+    """The longest one call may take against a storage that never answers: every attempt
+    times out, plus the most the retry policy sleeps between them without Retry-After
+    (the driver's RetryAfterRetry: initial 1 s, base 2, jitter 3 s)."""
+    backoff = sum(min(1 + 2 ** count + 3, MAX_BACKOFF) for count in range(1, retries + 1))
+    return timeout * (retries + 1) + backoff
 
 
 # -- 5% random faults -----------------------------------------------------------------------
@@ -487,7 +489,7 @@ def test_total_outage_of_30_seconds(
         fuse_connections: Path) -> None:
     retries, timeout = 2, 5
     # One request's worst case, and some for the kernel, the event loop and a busy machine.
-    bound = timeout * (retries + 1) + backoff_ceiling(retries) + 10
+    bound = request_bound(retries, timeout) + 10
     for i in range(8):
         container.upload_blob(f"cold/f{i}", random.Random(i).randbytes(300_000))
     # Directory entries trusted for the whole test: lookups of "cold" itself never wait.
@@ -592,7 +594,7 @@ def outage_checks(proxy: FaultProxy, mount: Mount, container: ContainerClient,
 def test_concurrent_lookups_of_one_name_during_an_outage(
         proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient) -> None:
     retries, timeout = 0, 1
-    bound = timeout * (retries + 1) + backoff_ceiling(retries) + 1
+    bound = request_bound(retries, timeout) + 1
     mount = mount_through(proxy, azurite, mount_factory, container, "-o",
                           f"retries={retries},timeout={timeout}")
     (mount.path / "dir").mkdir()
@@ -859,7 +861,7 @@ def close_all(files: list) -> None:
 def test_sigterm_during_an_outage_exits_within_one_commit_bound(
         proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient) -> None:
     retries, timeout = 1, 2
-    bound = timeout * (retries + 1) + backoff_ceiling(retries) + 1
+    bound = request_bound(retries, timeout) + 1
     mount = mount_through(proxy, azurite, mount_factory, container, "-o",
                           f"retries={retries},timeout={timeout}")
     files = files_left_open(mount, 4)
