@@ -8,6 +8,7 @@ file, a key file, or the environment, and ``repr`` of a Config never shows it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 
 SECRET_KEYS = frozenset({"accountkey", "connection_string", "sas_token", "secret"})
@@ -62,10 +64,6 @@ class Config:
     dir_timeout: float = 1.0
     dir_entry_timeout: float = 10.0  # a directory's own entry; its listing has dir_timeout
     revalidate_window: float = 1.0
-    # A directory this mount made: for this long its listing is exactly what the mount put
-    # in it, so a missing name there costs no request (another host's file in that very
-    # directory shows when it ends).
-    new_dir_timeout: float = 10.0
     # FUSE's writeback cache: small writes are gathered by the kernel (32 KiB writes as fast
     # as 1 MiB ones), but a descriptor opened before another host changed the file keeps
     # its old size (README, "Writeback cache").
@@ -170,6 +168,11 @@ _ALIASES = {
     "createcontainer": "create_container",
     "root": "rootdirectory",
 }
+# Options that once existed: accepted with a warning, so that an old fstab line still mounts.
+_RETIRED = {
+    "new_dir_timeout": "a directory made here is listed from this mount's own knowledge "
+                       "for dir_timeout at most, like every other directory",
+}
 _BYTES_FIELDS = {"listing_cache_size", "block_size", "read_block_size", "dirty_budget",
                  "cache_size", "cache_dir_size", "read_ahead", "kernel_read_ahead"}
 
@@ -226,6 +229,9 @@ def apply(cfg: Config, values: dict[str, Any], source: str) -> None:
     names = {f.name for f in fields(Config)}
     for raw_key, value in values.items():
         key = _ALIASES.get(raw_key.lower(), raw_key.lower().replace("-", "_"))
+        if key in _RETIRED:
+            log.warning("%s: option %r is ignored: %s", source, raw_key, _RETIRED[key])
+            continue
         if key == "credentials":
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: credentials must be a mapping")

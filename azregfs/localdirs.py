@@ -3,12 +3,14 @@
 Pure bookkeeping, no I/O: the namespace asks, then acts (lists, writes markers). Two tables:
 
 - **Created directories.** A directory this mount made with ``mkdir`` had an empty prefix
-  then (the kernel's lookup proved the name absent). For ``window`` seconds after its
-  creation, its listing is exactly what this mount noted into it, so a name missing from it
-  is missing, without a request. Another host writing into that very directory during the
-  window is seen here when the window ends (registries name such directories by a fresh
-  upload ID or a digest). Bounded: at most ``max_created`` directories of at most
-  ``max_entries`` names each; one over either bound is simply forgotten (asked of Azure).
+  when the lookup before it asked Azure (or a created parent's listing that was still
+  exact). Until ``window`` (``dir_timeout``) seconds after that proof, its listing is
+  exactly what this mount noted into it, so a name missing from it is missing without a
+  request. That is the consistency contract and no more: a file another host closes in
+  that directory is seen here within ``dir_timeout`` of its close, as in every other
+  directory. A child made in a created directory inherits its parent's proof time, never a
+  later one. Bounded: at most ``max_created`` directories of at most ``max_entries`` names
+  each; one over either bound is simply forgotten (asked of Azure).
 
 - **Unmarked directories.** Directories that exist here although Azure may hold no blob
   under them: made by ``mkdir`` and still without a committed child, or emptied by our own
@@ -20,11 +22,15 @@ Pure bookkeeping, no I/O: the namespace asks, then acts (lists, writes markers).
   for a child) out of the table. Until its marker is written, another host does not see
   an empty directory made here; a daemon killed meanwhile loses it (files are never lost).
   Bounded by ``max_unmarked``: beyond it the oldest are due at once.
+
+  Every ancestor of an unmarked directory exists here too, whatever Azure says (its last
+  file may have been renamed away): ``exists`` and ``children`` answer for them, so that
+  ``rmdir`` of such an ancestor is ENOTEMPTY and a listing shows the way down.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -35,12 +41,22 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def _ancestors(path: str) -> list[str]:
+    """Proper ancestors, nearest first, the root ('') excluded."""
+    found = []
+    while "/" in path:
+        path = parent_of(path)
+        found.append(path)
+    return found
+
+
 def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/") or top == ""
 
 
 @dataclass
 class _Created(Generic[E]):
+    proven_at: float  # when Azure (or an exact parent) showed the prefix empty
     until: float
     names: dict[str, E] = field(default_factory=dict)
 
@@ -55,16 +71,20 @@ class LocalDirs(Generic[E]):
         self.max_unmarked = max_unmarked
         self._created: OrderedDict[str, _Created[E]] = OrderedDict()
         self._unmarked: dict[str, float] = {}  # path -> when its marker is due
+        self._holding: Counter[str] = Counter()  # path -> unmarked directories below it
 
     # -- created directories -------------------------------------------------------------
 
-    def made(self, path: str, now: float) -> None:
-        """mkdir through this mount: its listing is ours, and it is unmarked."""
-        self._created[path] = _Created(now + self.window)
+    def made(self, path: str, proven_at: float | None, now: float) -> None:
+        """mkdir through this mount: it is unmarked, and its listing is ours while the proof
+        of its absence (taken at `proven_at`; None: no proof) is younger than the window."""
+        self._set_unmarked(path, now + self.marker_delay)
+        if proven_at is None or proven_at + self.window <= now:
+            return
+        self._created[path] = _Created(proven_at, proven_at + self.window)
         self._created.move_to_end(path)
         while len(self._created) > self.max_created:
             self._created.popitem(last=False)
-        self._unmarked[path] = now + self.marker_delay
 
     def listing(self, path: str, now: float) -> dict[str, E] | None:
         """The complete listing of a directory created here, while its window lasts."""
@@ -75,6 +95,11 @@ class LocalDirs(Generic[E]):
             del self._created[path]
             return None
         return created.names
+
+    def proven_at(self, path: str) -> float | None:
+        """When the exact listing of a created directory was proven (for its children)."""
+        created = self._created.get(path)
+        return created.proven_at if created is not None else None
 
     def note(self, path: str, entry: E | None) -> None:
         """Our own change to one name: keep a created parent's listing exact."""
@@ -91,44 +116,60 @@ class LocalDirs(Generic[E]):
 
     # -- unmarked directories ------------------------------------------------------------
 
+    def _set_unmarked(self, path: str, due: float) -> None:
+        if path not in self._unmarked:
+            for ancestor in _ancestors(path):
+                self._holding[ancestor] += 1
+        self._unmarked[path] = due
+
+    def _drop_unmarked(self, path: str) -> None:
+        if self._unmarked.pop(path, None) is None:
+            return
+        for ancestor in _ancestors(path):
+            self._holding[ancestor] -= 1
+            if not self._holding[ancestor]:
+                del self._holding[ancestor]
+
     def exists(self, path: str) -> bool:
-        """A directory that exists here though Azure may show nothing for it."""
-        return path in self._unmarked
+        """A directory that exists here though Azure may show nothing for it: unmarked, or
+        the ancestor of an unmarked one."""
+        return path in self._unmarked or path in self._holding
 
     def unmarked_children(self, path: str) -> list[str]:
-        """Names of the unmarked directories directly in path (listings must show them:
+        """Names in path of the directories that exist here only (listings must show them:
         Azure does not)."""
+        if path and not self.exists(path) or not self._unmarked:
+            return []
         prefix = path + "/" if path else ""
-        return [p[len(prefix):] for p in self._unmarked
-                if p.startswith(prefix) and "/" not in p[len(prefix):]]
+        return sorted({p[len(prefix):].partition("/")[0] for p in self._unmarked
+                       if p.startswith(prefix)})
 
     def emptied(self, path: str, now: float) -> None:
         """Our unlink/rename/rmdir may have taken the last blob under path."""
         if path and path not in self._unmarked:
-            self._unmarked[path] = now + self.marker_delay
+            self._set_unmarked(path, now + self.marker_delay)
 
     def child_landed(self, path: str) -> None:
         """A blob now exists at path: every ancestor shows in Azure by its prefix."""
-        parent = parent_of(path)
-        while parent:
-            self._unmarked.pop(parent, None)
-            parent = parent_of(parent)
+        for ancestor in _ancestors(path):
+            self._drop_unmarked(ancestor)
 
     def removed(self, path: str) -> None:
         """rmdir, or a directory renamed away: forget it and everything under it."""
-        for table in (self._unmarked, self._created):
-            for known in [p for p in table if _under(p, path)]:
-                del table[known]
+        for known in [p for p in self._unmarked if _under(p, path)]:
+            self._drop_unmarked(known)
+        for known in [p for p in self._created if _under(p, path)]:
+            del self._created[known]
 
     def moved(self, old: str, new: str, now: float) -> None:
         """A directory renamed: its unmarked directories follow it (no blob moved for
         them); what this mount made under either name is no longer known exactly."""
         moving = [p for p in self._unmarked if _under(p, old)]
         for path in moving:
-            del self._unmarked[path]
+            self._drop_unmarked(path)
         self.removed(new)
         for path in moving:
-            self._unmarked[new + path[len(old):]] = now + self.marker_delay
+            self._set_unmarked(new + path[len(old):], now + self.marker_delay)
         for known in [p for p in self._created if _under(p, old)]:
             del self._created[known]
 
@@ -140,10 +181,9 @@ class LocalDirs(Generic[E]):
         ready = [path for path, when in self._unmarked.items()
                  if (under is not None and _under(path, under)) or when <= now
                  or (oldest is not None and when <= oldest)]
-        leaves = [path for path in ready
-                  if not any(other != path and _under(other, path) for other in self._unmarked)]
+        leaves = [path for path in ready if path not in self._holding]
         for path in leaves:
-            self._unmarked.pop(path, None)
+            self._drop_unmarked(path)
             self.child_landed(path)  # its marker will make its ancestors visible too
         return leaves
 

@@ -28,7 +28,9 @@ import errno
 import logging
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import cachetools
@@ -133,6 +135,11 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def is_under(path: str, top: str) -> bool:
+    """path is top or below it ('' is the root, above everything)."""
+    return not top or path == top or path.startswith(top + "/")
+
+
 def ancestors(path: str) -> Iterable[str]:
     """Proper ancestors of path, nearest first, excluding the root."""
     while "/" in path:
@@ -165,14 +172,20 @@ class Namespace:
         self.pending: dict[str, set[str]] = {}  # dir path -> names created, not committed
         # Directories whose last listing fit in one small page: lookups there list them.
         self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
-        # Paths Azure just said are absent: the create() that the kernel sends right
-        # after its failed lookup need not ask again. Never used to answer a lookup.
-        self.absent: cachetools.TTLCache[str, bool] = cachetools.TTLCache(maxsize=4096, ttl=1.0)
+        # Paths just proven absent -> when (monotonic): the create() that the kernel sends
+        # right after its failed lookup need not ask again, and a mkdir knows how long the
+        # new directory's listing is exact. Never used to answer a lookup.
+        self.absent: cachetools.TTLCache[str, float] = cachetools.TTLCache(
+            maxsize=4096, ttl=min(1.0, max(cfg.dir_timeout, 0.001)))
         self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
         self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
-        # Directories made here (their exact listing, for new_dir_timeout) and those whose
-        # marker blob is deferred: see localdirs.py.
-        self.local: LocalDirs[Entry] = LocalDirs(cfg.new_dir_timeout, cfg.marker_delay)
+        # Directories made here (their exact listing, for dir_timeout from the proof of
+        # their absence) and those whose marker blob is deferred: see localdirs.py.
+        self.local: LocalDirs[Entry] = LocalDirs(cfg.dir_timeout, cfg.marker_delay)
+        # Marker puts in flight, and directories an rmdir or rename is changing: no marker
+        # is written under those, and they wait for the puts in flight under them first.
+        self._marking: dict[str, trio.Event] = {}
+        self._changing: Counter[str] = Counter()
 
     # -- names -----------------------------------------------------------------------------
 
@@ -328,7 +341,8 @@ class Namespace:
         Positive answers may come from a cached listing (for dir_timeout); a negative one
         is Azure's, so a name another host just wrote is seen at once -- except by the
         create() that follows our own failed lookup (``just_looked_up``), and in a
-        directory this mount made less than new_dir_timeout ago, whose listing is ours."""
+        directory this mount made, whose absence Azure proved less than dir_timeout ago
+        (localdirs.py): within the consistency contract either way."""
         parent, _, name = path.rpartition("/")
         if name in self.pending.get(parent, ()):
             node = self.by_path.get(path)
@@ -337,17 +351,22 @@ class Namespace:
             return Entry(True, None)  # made here; Azure has no blob for it yet
         own = self.local.listing(parent, time.monotonic())
         if own is not None:
-            return own.get(name)
+            entry = own.get(name)
+            proven_at = self.local.proven_at(parent)
+            if entry is None and proven_at is not None:
+                self.absent[path] = proven_at
+            return entry
         listing = self.listings.get(parent)
         if listing is not None and name in listing:
             return listing[name]
-        if just_looked_up and self.absent.pop(path, False):
+        if just_looked_up and self.absent.pop(path, None) is not None:
             return None
         flight = self._asking.get(path)
         if flight is not None:  # concurrent lookups of one name (e.g. parallel opens)
             return await flight.result()
         self.failed.check(path)
         flight = self._asking[path] = Flight()
+        asked_at = time.monotonic()
         try:
             entry = await self._ask(path)
         except BaseException as exc:
@@ -359,8 +378,12 @@ class Namespace:
             del self._asking[path]
         flight.land(entry)
         if entry is None:
-            self.absent[path] = True
+            self.absent[path] = asked_at
         return entry
+
+    def absent_since(self, path: str) -> float | None:
+        """When path was last proven absent, if that is recent (at most dir_timeout ago)."""
+        return self.absent.get(path)
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
@@ -639,13 +662,14 @@ class Namespace:
 
     # -- directories and their markers ----------------------------------------------------
 
-    def made_directory(self, path: str) -> Node:
+    def made_directory(self, path: str, proven_at: float | None) -> Node:
         """mkdir: the directory exists here at once; Azure gets a marker only if it is
-        still empty marker_delay seconds later (localdirs.py)."""
+        still empty marker_delay seconds later (localdirs.py). `proven_at`: when its name
+        was last proven absent, the start of the time its listing is exact."""
         node = self.node_for(path, True)
         node.marker = False
         node.checked_at = time.monotonic()
-        self.local.made(path, time.monotonic())
+        self.local.made(path, proven_at, time.monotonic())
         self.note(path, Entry(True, None))
         return node
 
@@ -675,8 +699,9 @@ class Namespace:
 
     async def drop_markers_above(self, path: str) -> None:
         """A real blob now exists at path: ancestors need no marker (deferred ones are
-        forgotten, written ones deleted)."""
+        forgotten, written ones deleted, once a put in flight for one has landed)."""
         self.local.child_landed(path)
+        await self._settle(list(ancestors(path)), subtrees=False)
         for ancestor in ancestors(path):
             node = self.by_path.get(ancestor)
             if node is None or not node.marker:
@@ -695,26 +720,61 @@ class Namespace:
         if path and not (node is not None and node.marker):
             self.local.emptied(path, time.monotonic())
 
+    @asynccontextmanager
+    async def changing(self, *paths: str) -> AsyncIterator[None]:
+        """Around an rmdir or a directory rename: no marker is written under these paths
+        meanwhile, and the puts in flight under them land first (so the change sees, and
+        removes or moves, every marker there is)."""
+        self._changing.update(paths)
+        try:
+            await self._settle(list(paths), subtrees=True)
+            yield
+        finally:
+            self._changing.subtract(paths)
+            self._changing += Counter()  # drop the zero counts
+
+    async def _settle(self, paths: list[str], subtrees: bool) -> None:
+        """Wait for the marker puts in flight at these paths (or under them)."""
+        while self._marking:
+            busy = [event for marked, event in self._marking.items()
+                    if any(is_under(marked, path) if subtrees else marked == path
+                           for path in paths)]
+            if not busy:
+                return
+            await busy[0].wait()
+
     async def write_markers(self, under: str | None = None) -> None:
         """Write the markers that are due (all of them under a path, for fsyncdir and
         unmount), for directories still empty."""
-        for path in self.local.due(time.monotonic(), under):
-            try:
-                if not await self.is_empty(path):
-                    continue  # a child keeps it visible
-                node = self.by_path.get(path)
-                # Mode, owner and times set on the directory go into its marker.
-                metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
-                info = await self.driver.put(self.blob_name(path), b"", metadata)
-            except (FSError, StorageError) as exc:
-                log.warning("directory %s: could not write its marker (retried later): %s",
-                            path, getattr(exc, "message", None) or exc)
-                self.local.emptied(path, time.monotonic())
+        now = time.monotonic()
+        for path in self.local.due(now, under):
+            if any(is_under(path, changing) for changing in self._changing):
+                self.local.emptied(path, now)  # the rmdir or rename decides its fate
                 continue
-            if node is not None:
-                node.marker = True
-            self.note(path, Entry(True, info))
-            await self.drop_markers_above(path)
+            self._marking[path] = done = trio.Event()
+            try:
+                await self._write_marker(path)
+            finally:
+                del self._marking[path]
+                done.set()
+
+    async def _write_marker(self, path: str) -> None:
+        try:
+            if not await self.is_empty(path):
+                return  # a child keeps it visible
+            node = self.by_path.get(path)
+            # Mode, owner and times set on the directory go into its marker.
+            metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
+            info = await self.driver.put(self.blob_name(path), b"", metadata)
+        except (FSError, StorageError) as exc:
+            log.warning("directory %s: could not write its marker (retried later): %s",
+                        path, getattr(exc, "message", None) or exc)
+            self.local.emptied(path, time.monotonic())
+            return
+        if node is not None:
+            node.marker = True
+        self.note(path, Entry(True, info))
+        await self.drop_markers_above(path)
 
     async def marker_task(self) -> None:
         """Background: write markers as they fall due."""

@@ -503,11 +503,13 @@ class Operations(pyfuse3.Operations):
                     ctx: Any) -> pyfuse3.EntryAttributes:
         parent = self._parent_to_change(parent_inode, name)
         path = self.ns.child_name(parent, name)
+        proven_at = self.ns.absent_since(path)
         if await self.ns.resolve(path, just_looked_up=True) is not None:
             raise FSError(errno.EEXIST)
         if self.driver.writes_refused:
             raise FSError(errno.EACCES, f"mkdir {path}: the SAS token allows no writes")
-        node = self.ns.made_directory(path)  # no request: see Namespace.made_directory
+        # No request: see Namespace.made_directory.
+        node = self.ns.made_directory(path, proven_at)
         node.metadata = {}
         if stat.S_IMODE(mode) != 0o777 & ~self.cfg.umask:
             node.metadata["mode"] = f"{stat.S_IMODE(mode):o}"  # mkdir -m 700, as create()
@@ -517,13 +519,14 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         parent = self._parent_to_change(parent_inode, name)
-        path, entry = await self._existing(parent, name)
-        if not entry.is_dir:
-            raise FSError(errno.ENOTDIR)
-        await self._require_empty(path)
-        await self._delete_marker(path, entry)
-        self.ns.removed_directory(path)
-        self.ns.keep_directory(parent.path)
+        async with self.ns.changing(self.ns.child_name(parent, name)):
+            path, entry = await self._existing(parent, name)
+            if not entry.is_dir:
+                raise FSError(errno.ENOTDIR)
+            await self._require_empty(path)
+            await self._delete_marker(path, entry)
+            self.ns.removed_directory(path)
+            self.ns.keep_directory(parent.path)
 
     async def _require_empty(self, path: str) -> None:
         if not await self.ns.is_empty(path):
@@ -543,6 +546,12 @@ class Operations(pyfuse3.Operations):
             raise FSError(errno.EINVAL)
         old_parent = self._parent_to_change(parent_inode_old, name_old)
         new_parent = self._parent_to_change(parent_inode_new, name_new)
+        async with self.ns.changing(self.ns.child_name(old_parent, name_old),
+                                    self.ns.child_name(new_parent, name_new)):
+            await self._rename(old_parent, name_old, new_parent, name_new, flags)
+
+    async def _rename(self, old_parent: Node, name_old: bytes, new_parent: Node,
+                      name_new: bytes, flags: int) -> None:
         old_path, entry = await self._existing(old_parent, name_old)
         new_path = self.ns.child_name(new_parent, name_new)
         if old_path == new_path:

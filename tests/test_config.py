@@ -202,3 +202,10 @@ def test_dirty_budget_must_hold_two_blocks() -> None:
     with pytest.raises(ConfigError, match="dirty_budget"):
         config.build(None, {"AZURE_STORAGE_ACCOUNT": "a"},
                      {"block_size": "8M", "dirty_budget": "8M"}, {"container": "abc"})
+
+
+def test_a_retired_option_still_mounts_with_a_warning(caplog) -> None:
+    cfg = Config()
+    config.apply(cfg, {"new_dir_timeout": "10", "dir_timeout": "2"}, "-o")
+    assert cfg.dir_timeout == 2.0
+    assert "'new_dir_timeout' is ignored" in caplog.text

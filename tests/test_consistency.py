@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -208,3 +210,50 @@ def test_a_name_polled_while_absent_appears_once_another_client_writes_it(contai
         assert time.monotonic() < deadline, "never visible while polled every 50 ms"
         time.sleep(0.05)
     assert (mnt.path / "late.bin").read_bytes() == b"abc"
+
+
+def test_files_closed_on_either_host_open_on_the_other_within_dir_timeout(container,
+                                                                          mount_factory):
+    """Two hosts write into the same fresh directories at 100 files a second in all (a
+    registry's shared _manifests/tags/ and blobs/sha256/<xx>/ under concurrent pushes).
+    Each file closed on one host must open on the other dir_timeout (1 s) after its close,
+    in every directory: none may be missed (issue 15)."""
+    hosts = {side: mount_factory(container.container_name, name=side) for side in "ab"}
+    checks: queue.Queue = queue.Queue()
+    misses: list[str] = []
+    checked = 0
+
+    def write(side: str, peer: str) -> None:
+        start = time.monotonic()
+        for index in range(250):  # 50 files a second on each host, for 5 s
+            directory = f"repo{index // 25}/tags"  # a fresh directory every half second
+            os.makedirs(hosts[side].path / directory, exist_ok=True)
+            name = f"{directory}/{side}{index}"
+            write_file(hosts[side].path / name, side.encode())
+            checks.put((time.monotonic(), peer, name))
+            time.sleep(max(0.0, start + (index + 1) / 50 - time.monotonic()))
+
+    def check() -> None:
+        nonlocal checked
+        while (item := checks.get()) is not None:
+            closed, peer, name = item
+            time.sleep(max(0.0, closed + 1.0 + 0.05 - time.monotonic()))  # dir_timeout
+            try:
+                with open(hosts[peer].path / name, "rb") as handle:
+                    assert handle.read() == name.split("/")[-1][:1].encode()
+            except FileNotFoundError:
+                misses.append(f"{name} on {peer}, {time.monotonic() - closed:.2f}s after close")
+            checked += 1
+
+    checkers = [threading.Thread(target=check) for _ in range(4)]
+    writers = [threading.Thread(target=write, args=pair) for pair in (("a", "b"), ("b", "a"))]
+    for thread in checkers + writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    for _ in checkers:
+        checks.put(None)
+    for thread in checkers:
+        thread.join()
+    assert checked == 500
+    assert misses == [], f"{len(misses)} misses: {misses[:5]}"

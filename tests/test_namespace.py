@@ -149,6 +149,46 @@ def test_removing_the_last_file_of_an_implicit_directory(mount_factory,
     assert os.path.isdir(mnt.path / "x" / "y")
 
 
+def test_a_directory_whose_last_file_was_renamed_away_keeps_its_parents(
+        mnt: Mount, container: ContainerClient) -> None:
+    """distribution's suite (issue 15): x/y/f is moved out, then x is RemoveAll'ed. Go's
+    RemoveAll tries rmdir(x) first: ENOENT there (Azure has nothing under x) ended it, and
+    x/y's deferred marker was written afterwards, a directory nobody could remove."""
+    os.makedirs(mnt.path / "x" / "y")
+    (mnt.path / "x" / "y" / "f").write_bytes(b"1")
+    os.rename(mnt.path / "x" / "y" / "f", mnt.path / "moved")
+    assert blob_names(container) == ["moved"]
+    time.sleep(1.3)  # past dir_timeout and entry_timeout: nothing cached answers for x
+    drop_kernel_caches()
+    with pytest.raises(OSError) as info:
+        os.rmdir(mnt.path / "x")
+    assert info.value.errno == errno.ENOTEMPTY
+    assert sorted(os.listdir(mnt.path)) == ["moved", "x"]
+    assert os.listdir(mnt.path / "x") == ["y"]
+    os.rmdir(mnt.path / "x" / "y")
+    os.rmdir(mnt.path / "x")
+    time.sleep(3)  # past marker_delay: no marker comes back
+    assert blob_names(container) == ["moved"]
+
+
+def test_a_marker_being_written_is_removed_with_its_directory(
+        mount_factory, container: ContainerClient) -> None:
+    """fsyncdir writes a deferred marker while RemoveAll runs: whatever the order, the tree
+    is gone from Azure afterwards (issue 15: a marker outlived its RemoveAll)."""
+    mnt = mount_factory(container.container_name, "-o", "marker_delay=0.05")
+    for round_number in range(20):
+        top = mnt.path / f"t{round_number}"
+        os.makedirs(top / "a" / "b")
+        (top / "a" / "b" / "f").write_bytes(b"1")
+        os.rename(top / "a" / "b" / "f", mnt.path / f"f{round_number}")
+        with ThreadPoolExecutor(2) as pool:
+            pool.submit(fsync_dir, top / "a" / "b")
+            pool.submit(subprocess.run, ["rm", "-rf", str(top)], check=True)
+    time.sleep(1)  # past marker_delay, many times over
+    assert blob_names(container) == sorted(f"f{n}" for n in range(20))
+    assert sorted(os.listdir(mnt.path)) == sorted(f"f{n}" for n in range(20))
+
+
 def test_rmdir(mnt: Mount, container: ContainerClient) -> None:
     os.mkdir(mnt.path / "full")
     (mnt.path / "full" / "f").write_bytes(b"x")
