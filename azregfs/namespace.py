@@ -40,6 +40,7 @@ import trio
 from .blobs import MARKER_KEY
 from .config import Config
 from .driver import MAX_NAME, BlobInfo, Driver, StorageError
+from .filetypes import file_type, rdev
 from .flight import Flight
 from .localdirs import LocalDirs
 from .recent import RecentFailures
@@ -83,6 +84,7 @@ class Node:
     writing: bool = False  # a write session owns size/mtime; never refreshed from Azure
     checked_at: float = 0.0  # monotonic time the attributes were last read from Azure
     former: str = ""  # replaced (renamed over) or deleted: the path it had
+    link: tuple[str, bytes] | None = None  # a symlink's (ETag, target), once read
 
     @property
     def gone(self) -> bool:
@@ -295,13 +297,17 @@ class Namespace:
             attr.st_nlink = 2
             attr.st_size = 0
         else:
-            default = 0o666 & ~self.cfg.umask
-            attr.st_mode = stat.S_IFREG | _int(meta.get("mode"), default, 8) & 0o7777
+            kind = file_type(meta)
+            if kind == stat.S_IFLNK:
+                attr.st_mode = stat.S_IFLNK | 0o777  # a link's own bits mean nothing
+            else:
+                default = 0o666 & ~self.cfg.umask
+                attr.st_mode = kind | _int(meta.get("mode"), default, 8) & 0o7777
             attr.st_nlink = 1
             attr.st_size = node.size
         attr.st_uid = _int(meta.get("uid"), self.cfg.uid)
         attr.st_gid = _int(meta.get("gid"), self.cfg.gid)
-        attr.st_rdev = 0
+        attr.st_rdev = rdev(meta)
         attr.st_blksize = 1 << 20
         attr.st_blocks = (attr.st_size + 511) // 512
         stamp = int(node.mtime * 1e9)

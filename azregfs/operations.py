@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from . import control
+from . import control, filetypes
 from .blockcache import BlockCache, ReadStream
 from .config import Config
 from .driver import BlobInfo, StorageError
@@ -336,6 +336,64 @@ class Operations(pyfuse3.Operations):
                                    exclusive=bool(flags & os.O_EXCL))
         info = self._open_handle(node, session, keep_cache=False)
         return info, self.ns.attributes(node)
+
+    # -- symlinks, special files and hard links (filetypes.py) -----------------------------
+
+    @_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        node = await self._make_blob(parent_inode, name, target, filetypes.symlink_metadata())
+        node.link = (node.etag, target)
+        return self.ns.attributes(node)
+
+    @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        if stat.S_ISREG(mode):
+            metadata: dict[str, str] = {}
+        else:
+            try:
+                metadata = filetypes.special_metadata(mode, rdev)
+            except ValueError:
+                raise FSError(errno.EINVAL) from None
+        if stat.S_IMODE(mode) != 0o666 & ~self.cfg.umask:
+            metadata["mode"] = f"{stat.S_IMODE(mode):o}"
+        return self.ns.attributes(await self._make_blob(parent_inode, name, b"", metadata))
+
+    async def _make_blob(self, parent_inode: int, name: bytes, data: bytes,
+                         metadata: dict[str, str]) -> Node:
+        """A new name holding a small blob, written at once (one Put Blob, create-only)."""
+        parent = self._parent_to_change(parent_inode, name)
+        path = self.ns.child_name(parent, name)
+        if await self.ns.resolve(path, just_looked_up=True) is not None:
+            raise FSError(errno.EEXIST)
+        info = await self.driver.put(self.ns.blob_name(path), data, metadata, exclusive=True)
+        entry = Entry(False, info)
+        self.ns.note(path, entry)
+        node = self.ns.remember(path, entry)
+        node.lookups += 1
+        await self.ns.drop_markers_above(path)
+        return node
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self.ns.get(inode)
+        if node.is_dir or filetypes.file_type(node.metadata) != stat.S_IFLNK:
+            raise FSError(errno.EINVAL)
+        await self.ns.refresh(node, self.cfg.attr_timeout)
+        if node.link is None or node.link[0] != node.etag:
+            name = self.ns.blob_name(node.former if node.gone else node.path)
+            target = await self.driver.read(name, 0, node.size, node.etag) if node.size else b""
+            node.link = (node.etag, target)
+        return node.link[1]
+
+    @_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        # No hard links: a blob has one name, and a second name kept only in this mount's
+        # memory would be a different file on every other host (README). EPERM is what
+        # link(2) gives on a filesystem that does not support them (POSIX), as on vfat.
+        raise FSError(errno.EPERM)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
