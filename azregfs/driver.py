@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_NAME = 1024
+MAX_METADATA = 8 * 1024  # names and values of one blob's metadata together
 LIST_PAGE = 5000
 
 
@@ -68,6 +69,14 @@ class StorageError(Exception):
 class CommittedBlock:
     block_id: str
     size: int
+
+
+def check_metadata(name: str, metadata: dict[str, str]) -> None:
+    """E2BIG before Azure refuses metadata over its limit (Azurite does not check it)."""
+    size = sum(len(key) + len(value.encode()) for key, value in metadata.items())
+    if size > MAX_METADATA:
+        raise StorageError(errno.E2BIG, f"{name}: its metadata would take {size:,} bytes; "
+                           f"Azure keeps at most {MAX_METADATA:,} per blob")
 
 
 def _info(props: BlobProperties) -> BlobInfo:
@@ -441,6 +450,8 @@ class Driver:
                 return
 
     async def set_metadata(self, name: str, metadata: dict[str, str]) -> str:
+        check_metadata(name, metadata)
+
         def call() -> str:
             return self._blob(name).set_blob_metadata(metadata)["etag"]
 
@@ -498,6 +509,7 @@ class Driver:
         content_type: str | None = None, exclusive: bool = False,
     ) -> BlobInfo:
         """Put Block List; `size` is the blocks' total (the caller planned them)."""
+        check_metadata(name, metadata)
 
         def call() -> BlobInfo:
             kwargs: dict[str, Any] = {}
@@ -527,6 +539,7 @@ class Driver:
         content_type: str | None = None, exclusive: bool = False,
     ) -> BlobInfo:
         """One Put Blob: atomic replace (or create-only when exclusive)."""
+        check_metadata(name, metadata)
 
         def call() -> BlobInfo:
             settings = ContentSettings(content_type=content_type)

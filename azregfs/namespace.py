@@ -618,6 +618,16 @@ class Namespace:
         else:
             listing[name] = entry
 
+    def touch(self, *dir_paths: str) -> None:
+        """An entry was added to or removed from these directories here: their mtime (and
+        ctime) is now, as POSIX wants, kept in memory only -- a directory has no blob to
+        hold it (its marker, if any, keeps what chmod or utime set)."""
+        now = time.time()
+        for path in dir_paths:
+            node = self.by_path.get(path)
+            if node is not None:
+                node.mtime = now
+
     def add_pending(self, path: str) -> None:
         self.pending.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
         self.absent.pop(path, None)

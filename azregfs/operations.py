@@ -323,11 +323,11 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         base = None
         if existing is None:
-            node.size, node.etag, node.metadata = 0, "", {}
-            if stat.S_IMODE(mode) != 0o666 & ~self.cfg.umask:
-                # e.g. tar creates 0600 files and never chmods them afterwards
-                node.metadata["mode"] = f"{stat.S_IMODE(mode):o}"
+            node.size, node.etag = 0, ""
+            # e.g. tar creates 0600 files and never chmods them afterwards
+            node.metadata = self._new_metadata(mode, 0o666, ctx)
             self.ns.add_pending(path)
+            self.ns.touch(parent.path)
         else:
             self.ns.remember(path, existing)
             base = self._base(node)
@@ -342,7 +342,8 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        node = await self._make_blob(parent_inode, name, target, filetypes.symlink_metadata())
+        metadata = {**filetypes.symlink_metadata(), **self._new_metadata(0o777, 0o777, ctx)}
+        node = await self._make_blob(parent_inode, name, target, metadata)
         node.link = (node.etag, target)
         return self.ns.attributes(node)
 
@@ -356,8 +357,7 @@ class Operations(pyfuse3.Operations):
                 metadata = filetypes.special_metadata(mode, rdev)
             except ValueError:
                 raise FSError(errno.EINVAL) from None
-        if stat.S_IMODE(mode) != 0o666 & ~self.cfg.umask:
-            metadata["mode"] = f"{stat.S_IMODE(mode):o}"
+        metadata.update(self._new_metadata(mode, 0o666, ctx))
         return self.ns.attributes(await self._make_blob(parent_inode, name, b"", metadata))
 
     async def _make_blob(self, parent_inode: int, name: bytes, data: bytes,
@@ -372,8 +372,21 @@ class Operations(pyfuse3.Operations):
         self.ns.note(path, entry)
         node = self.ns.remember(path, entry)
         node.lookups += 1
+        self.ns.touch(parent.path)
         await self.ns.drop_markers_above(path)
         return node
+
+    def _new_metadata(self, mode: int, full: int, ctx: Any) -> dict[str, str]:
+        """What a new file or directory keeps beyond the mount's defaults: its mode, and its
+        creator as owner (a registry running as the mount's uid/gid adds nothing)."""
+        metadata = {}
+        if stat.S_IMODE(mode) != full & ~self.cfg.umask:
+            metadata["mode"] = f"{stat.S_IMODE(mode):o}"
+        if ctx is not None and ctx.uid != self.cfg.uid:
+            metadata["uid"] = str(ctx.uid)
+        if ctx is not None and ctx.gid != self.cfg.gid:
+            metadata["gid"] = str(ctx.gid)
+        return metadata
 
     @_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -555,6 +568,7 @@ class Operations(pyfuse3.Operations):
         self.ns.forget_path(path)
         self.ns.note(path, None)
         self.ns.keep_directory(parent.path)
+        self.ns.touch(parent.path)
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -568,10 +582,9 @@ class Operations(pyfuse3.Operations):
             raise FSError(errno.EACCES, f"mkdir {path}: the SAS token allows no writes")
         # No request: see Namespace.made_directory.
         node = self.ns.made_directory(path, proven_at)
-        node.metadata = {}
-        if stat.S_IMODE(mode) != 0o777 & ~self.cfg.umask:
-            node.metadata["mode"] = f"{stat.S_IMODE(mode):o}"  # mkdir -m 700, as create()
+        node.metadata = self._new_metadata(mode, 0o777, ctx)  # mkdir -m 700, as create()
         node.lookups += 1
+        self.ns.touch(parent.path)
         return self.ns.attributes(node)
 
     @_errors
@@ -585,6 +598,7 @@ class Operations(pyfuse3.Operations):
             await self._delete_marker(path, entry)
             self.ns.removed_directory(path)
             self.ns.keep_directory(parent.path)
+            self.ns.touch(parent.path)
 
     async def _require_empty(self, path: str) -> None:
         if not await self.ns.is_empty(path):
@@ -659,6 +673,7 @@ class Operations(pyfuse3.Operations):
         await self.ns.drop_markers_above(new_path)
         if old_parent is not new_parent:
             self.ns.keep_directory(old_parent.path)
+        self.ns.touch(old_parent.path, new_parent.path)
 
     def _replaced(self, name: str) -> None:
         count = self.replacing.pop(name, 1) - 1

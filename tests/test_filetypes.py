@@ -155,3 +155,26 @@ def test_a_tree_goes_in_and_comes_back_out_identical(tool: str, mnt: Mount,
     assert differences(source, inside) == ""
     assert differences(source, back) == ""
     assert differences(back, source) == ""
+
+
+def test_what_a_user_creates_is_owned_by_that_user(mount_factory,
+                                                   container: ContainerClient) -> None:
+    """pjdfstest's chmod/05: a file made by uid 65534 is its own to chmod, on this mount and
+    on the next (its owner is kept in metadata, as chown keeps it)."""
+    mnt = mount_factory(container.container_name, "--allow-other")
+    os.mkdir(mnt.path / "shared", 0o777)
+    os.chmod(mnt.path / "shared", 0o777)
+    # Relative names from inside: pytest's tmp_path is root's alone (0700).
+    script = ("import os; os.setgid(65534); os.setuid(65534); open('mine', 'w').close(); "
+              "os.chmod('mine', 0o642); os.mkdir('sub', 0o700); os.symlink('mine', 'link')")
+    subprocess.run(["python3", "-c", script], check=True, cwd=mnt.path / "shared")
+    for name in ("mine", "sub", "link"):
+        info = os.lstat(mnt.path / "shared" / name)
+        assert (info.st_uid, info.st_gid) == (65534, 65534), name
+    assert stat.S_IMODE(os.stat(mnt.path / "shared" / "mine").st_mode) == 0o642
+    props = properties(container, "shared/mine")
+    assert (props.metadata["uid"], props.metadata["gid"]) == ("65534", "65534")
+    os.utime(mnt.path / "shared", (1, 1))
+    before = os.stat(mnt.path / "shared").st_mtime
+    (mnt.path / "shared" / "another").write_bytes(b"")  # a new entry: the directory's
+    assert os.stat(mnt.path / "shared").st_mtime > before  # mtime moves, as POSIX wants

@@ -375,8 +375,25 @@ def test_name_too_long(mnt: Mount, container: ContainerClient) -> None:
     expect_errno(errno.ENAMETOOLONG, os.mkdir, deep / ("e" * 200))
     expect_errno(errno.ENAMETOOLONG, open, deep / ("f" * 20), "wb")  # 1,025 characters
     (deep / ("g" * 19)).write_bytes(b"fits")  # exactly 1,024
+    expect_errno(errno.ENAMETOOLONG, os.symlink, "target", deep / ("h" * 20))
+    expect_errno(errno.ENAMETOOLONG, os.mkfifo, deep / ("i" * 20))
+    expect_errno(errno.ENAMETOOLONG, os.rename, deep / ("g" * 19), deep / ("j" * 20))
     names = blob_names(container)
     assert [len(name) for name in names] == [1024]
+
+
+def test_metadata_over_azures_limit_is_e2big_and_changes_nothing(
+        mount_factory, container: ContainerClient) -> None:
+    """Azure keeps at most 8 KiB of metadata per blob (Azurite does not check): a chmod or
+    utime that would pass it, on a blob another tool filled, fails at once with E2BIG."""
+    container.upload_blob("full", b"data", metadata={"other_tool": "v" * (8 * 1024 - 15)})
+    mnt = mount_factory(container.container_name)
+    expect_errno(errno.E2BIG, os.chmod, mnt.path / "full", 0o600)
+    expect_errno(errno.E2BIG, os.utime, mnt.path / "full", (1, 1))
+    props = container.get_blob_client("full").get_blob_properties()
+    assert set(props.metadata) == {"other_tool"}
+    assert (mnt.path / "full").read_bytes() == b"data"
+    assert "Azure keeps at most 8,192 per blob" in mnt.log()
 
 
 def sas_mount_env(azurite, container: ContainerClient, permission: ContainerSasPermissions,
