@@ -685,6 +685,7 @@ class Namespace:
         node = self.node_for(path, True)
         node.marker = False
         node.checked_at = time.monotonic()
+        node.mtime = time.time()
         self.local.made(path, proven_at, time.monotonic())
         self.note(path, Entry(True, None))
         return node

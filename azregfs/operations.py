@@ -323,7 +323,7 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         base = None
         if existing is None:
-            node.size, node.etag = 0, ""
+            node.size, node.etag, node.mtime = 0, "", time.time()
             # e.g. tar creates 0600 files and never chmods them afterwards
             node.metadata = self._new_metadata(mode, 0o666, ctx)
             self.ns.add_pending(path)
