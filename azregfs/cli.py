@@ -16,10 +16,11 @@ import subprocess
 import sys
 import time
 
-from . import config, control
+from . import config
 from .config import Config, ConfigError
-from .driver import StorageError, check_access
-from .logs import setup_logging
+from .fs import control
+from .ops.logs import setup_logging
+from .storage.driver import StorageError, check_access
 
 log = logging.getLogger("azregfs")
 
@@ -233,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from .version import version_line
+        from .ops.version import version_line
 
         print(version_line())
         return 0
     if args.command is None:
         parser.error("a command is required")
     if args.command in ("stats", "check"):
-        from . import monitor
+        from .ops import monitor
 
         mountpoint = mountpoint_of(args)
         if mountpoint is None:
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_mount(args)
     if args.command == "unmount":
         return cmd_unmount(args)
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     return run_demo(args.mountpoint, with_registry=args.registry, stop_demo=args.stop)
 

@@ -31,15 +31,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from .blockcache import BlockCache, DiskTier
 from .config import Config
-from .driver import Driver
-from .metrics import Metrics
-from .metrics import start_server as start_metrics_server
-from .namespace import Namespace
-from .operations import Operations
-from .version import version_line
-from .writebuffer import WriteBuffer
+from .fs.namespace import Namespace
+from .fs.operations import Operations
+from .ops.metrics import Metrics
+from .ops.metrics import start_server as start_metrics_server
+from .ops.version import version_line
+from .read.blockcache import BlockCache, DiskTier
+from .storage.driver import Driver
+from .write.writebuffer import WriteBuffer
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Daemon:
             self.cache.start(nursery)
             self.writes.start(nursery)
             nursery.start_soon(self._watch_signals, nursery)
-            nursery.start_soon(self.namespace.marker_task)
+            nursery.start_soon(self.namespace.markers.task)
             nursery.start_soon(self._tune_kernel_read_ahead)
             if self.trimmer is not None:
                 nursery.start_soon(self.trimmer.run)
@@ -274,7 +274,7 @@ class Daemon:
             self.saving.add(scope)
             try:
                 self.failed_commits += await self.writes.commit_all(retry_failed)
-                await self.namespace.write_markers(under="")
+                await self.namespace.markers.write_due(under="")
             finally:
                 self.saving.discard(scope)
 

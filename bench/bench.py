@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from azure.storage.blob import BlobServiceClient, ContainerClient  # noqa: E402
 
-from azregfs import control  # noqa: E402
-from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import parse_size  # noqa: E402
+from azregfs.demo.azurite import Azurite  # noqa: E402
+from azregfs.fs import control  # noqa: E402
 
 MiB = 1024 * 1024
 CHUNK = MiB  # application read/write size

@@ -11,9 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from azregfs.azurite import Azurite
+from azregfs.demo.azurite import Azurite
 
 ROOT = Path(__file__).resolve().parent.parent
+# The benchmarks use the checkout's test instruments (testkit/), which are never installed.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def start_mount(azurite: Azurite, container: str, path: Path, options: str, log_path: Path,

@@ -53,9 +53,9 @@ sys.path.insert(0, str(ROOT))
 from azure.storage.blob import BlobServiceClient  # noqa: E402
 from common import proc_status_kib, start_mount, stop_mount  # noqa: E402
 
-from azregfs import control  # noqa: E402
-from azregfs.azurite import Azurite  # noqa: E402
 from azregfs.config import Config, apply, parse_mount_options, parse_size  # noqa: E402
+from azregfs.demo.azurite import Azurite  # noqa: E402
+from azregfs.fs import control  # noqa: E402
 
 MiB = 1024 * 1024
 SLACK = 150 * MiB  # what the daemon may hold beyond its two budgets (issue 9)

@@ -8,7 +8,7 @@ layer as Azurite's ceiling, all in one run against one Azurite.
 To measure another checkout of the daemon, run from that checkout with
 ``PYTHONPATH=<checkout>``: the mount is ``python -m azregfs`` in the current directory.
 
-The mount reaches Azurite through azregfs.faultproxy, which counts the requests by Azure
+The mount reaches Azurite through testkit.faultproxy, which counts the requests by Azure
 operation and, with ``--latency MS``, delays each one by MS milliseconds (a stand-in for
 the 5-30 ms of a real Azure region; Azurite on loopback answers in about 1 ms). The image
 is one layer per ``--layers`` size in MiB plus its config and manifest. The push is timed
@@ -41,9 +41,9 @@ from typing import Any
 from azure.storage.blob import BlobServiceClient
 from common import CpuMeter, process_tree
 
-from azregfs.azurite import Azurite
-from azregfs.faultproxy import FaultProxy
-from azregfs.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
+from azregfs.demo.azurite import Azurite
+from azregfs.demo.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
+from testkit.faultproxy import FaultProxy
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -121,12 +121,12 @@ def run(layers_mib: list[float], latency_ms: float, workdir: Path,
         options: str = "") -> dict[str, Any]:
     proxy_log = logging.FileHandler(workdir / "proxy.log")
     proxy_log.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
-    logging.getLogger("azregfs.faultproxy").addHandler(proxy_log)
-    logging.getLogger("azregfs.faultproxy").setLevel(logging.DEBUG)
+    logging.getLogger("testkit.faultproxy").addHandler(proxy_log)
+    logging.getLogger("testkit.faultproxy").setLevel(logging.DEBUG)
     try:
         return measure(layers_mib, latency_ms, workdir, options)
     finally:
-        logging.getLogger("azregfs.faultproxy").removeHandler(proxy_log)
+        logging.getLogger("testkit.faultproxy").removeHandler(proxy_log)
         proxy_log.close()
 
 

@@ -32,8 +32,8 @@ from typing import Any
 from azure.storage.blob import BlobPrefix, BlobServiceClient, ContainerClient
 from common import proc_status_kib, start_mount, stop_mount
 
-from azregfs import control  # noqa: E402
-from azregfs.azurite import Azurite
+from azregfs.demo.azurite import Azurite
+from azregfs.fs import control  # noqa: E402
 
 CONTAINER = "walkbench"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 
-from azregfs import control
-from azregfs.azurite import Azurite
+from azregfs.demo.azurite import Azurite
+from azregfs.fs import control
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Helpers for the registry end-to-end tests: the registry's HTTP API by hand, checks of the
 container's layout and content with the SDK, and a container written as Distribution 2.8's
-azure driver writes it. Image layouts and the registry process come from azregfs.oci.
+azure driver writes it. Image layouts and the registry process come from azregfs.demo.oci.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from azure.storage.blob import ContainerClient
 
-from azregfs.oci import Image, Registry
+from azregfs.demo.oci import Image, Registry
 
 REGISTRY_PREFIX = "docker/registry/v2/"
 BLOB_DATA = re.compile(r"(?:^|/)blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})/data$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs
 
-from azregfs.blobs import list_query, parse_list
+from azregfs.storage.blobs import list_query, parse_list
 
 ANSWER = b"""<?xml version="1.0" encoding="utf-8"?>
 <EnumerationResults ServiceEndpoint="https://acct.blob.core.windows.net/" ContainerName="c">

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import blob_names, fsync_dir, need
 
-from azregfs.oci import MiB, Registry, build_image, read_image, skopeo_copy
+from azregfs.demo.oci import MiB, Registry, build_image, read_image, skopeo_copy
 
 
 def requests(mount) -> Counter:

@@ -19,10 +19,10 @@ import pytest
 import trio
 from azure.storage.blob import ContainerClient
 
-from azregfs.azurite import Azurite
-from azregfs.blockcache import BlockCache, CacheStats, DiskTier
 from azregfs.config import Config
-from azregfs.driver import Driver, StorageError
+from azregfs.demo.azurite import Azurite
+from azregfs.read.blockcache import BlockCache, CacheStats, DiskTier
+from azregfs.storage.driver import Driver, StorageError
 
 MiB = 1024 * 1024
 BLOCK = 1 * MiB
@@ -220,7 +220,7 @@ def test_statistics_are_logged_at_debug_when_they_change(azurite, container, cap
             await trio.sleep(0.5)
             nursery.cancel_scope.cancel()
 
-    caplog.set_level(logging.DEBUG, logger="azregfs.blockcache")
+    caplog.set_level(logging.DEBUG, logger="azregfs.read.blockcache")
     try:
         trio.run(main)
     finally:

@@ -17,8 +17,8 @@ import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from conftest import Mount, azregfs_command, blob_names
 
-from azregfs import control
-from azregfs.azurite import DEV_ACCOUNT, DEV_KEY, Azurite, free_port
+from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY, Azurite, free_port
+from azregfs.fs import control
 
 # Another key that is valid base64 of the right length, but not the account's.
 WRONG_KEY = "A" * 86 + "=="

@@ -12,7 +12,7 @@ import pytest
 from azure.storage.blob import ContainerClient
 from conftest import Mount, blob_names
 
-from azregfs import control
+from azregfs.fs import control
 
 
 def test_control_files_are_read_but_never_listed(mnt: Mount) -> None:

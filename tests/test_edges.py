@@ -20,7 +20,7 @@ import pytest
 from azure.storage.blob import ContainerClient, ContentSettings
 from conftest import Mount, need
 
-from azregfs import control
+from azregfs.fs import control
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -31,8 +31,8 @@ from azure.core.exceptions import (
 from azure.storage.blob import BlobBlock, ContainerClient, LinearRetry
 from conftest import Mount
 
-from azregfs.azurite import Azurite
-from azregfs.faultproxy import CONTROL, FaultProxy, Rule, classify
+from azregfs.demo.azurite import Azurite
+from testkit.faultproxy import CONTROL, FaultProxy, Rule, classify
 
 MiB = 1024 * 1024
 NETWORK_ERRORS = (ServiceRequestError, ServiceResponseError)
@@ -397,7 +397,7 @@ def test_probability_follows_the_seed(proxy: FaultProxy, container: ContainerCli
 
 def test_command_line(azurite: Azurite, container: ContainerClient) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "azregfs.faultproxy", "--upstream",
+        [sys.executable, "-m", "testkit.faultproxy", "--upstream",
          f"http://127.0.0.1:{azurite.port}", "--latency", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -411,7 +411,7 @@ def test_command_line(azurite: Azurite, container: ContainerClient) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=20) == 0
-    refused = subprocess.run([sys.executable, "-m", "azregfs.faultproxy", "--upstream",
+    refused = subprocess.run([sys.executable, "-m", "testkit.faultproxy", "--upstream",
                               "http://192.0.2.1:80"], capture_output=True, text=True,
                              timeout=30)
     assert refused.returncode == 2

@@ -47,11 +47,12 @@ from azure.storage.blob import ContainerClient
 from conftest import Mount, azregfs_command, blob_names, need
 from registry_util import REGISTRY_PREFIX, chunked_upload, get_blob, torn_blobs, upload_files
 
-from azregfs import control, faultproxy
-from azregfs.azurite import Azurite
-from azregfs.faultproxy import FaultProxy, Rule
-from azregfs.oci import Image, Registry, build_image, read_image, skopeo_copy, verify_layout
-from azregfs.throttle import MAX_BACKOFF, THROTTLE_RETRIES, RetryAfterRetry
+from azregfs.demo.azurite import Azurite
+from azregfs.demo.oci import Image, Registry, build_image, read_image, skopeo_copy, verify_layout
+from azregfs.fs import control
+from azregfs.storage.throttle import MAX_BACKOFF, THROTTLE_RETRIES, RetryAfterRetry
+from testkit import faultproxy
+from testkit.faultproxy import FaultProxy, Rule
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -663,8 +664,8 @@ def test_throttling_honours_retry_after_and_halves_concurrency(
         lowered = mount.stats()["azure_concurrency"]
     assert lowered < 16
     cuts = [(int(a), int(b)) for a, b in re.findall(
-        r"WARNING azregfs.driver: Azure is throttling \(503 ServerBusy\): requests in flight "
-        r"(\d+) -> (\d+)", mount.log())]
+        r"WARNING azregfs.storage.driver: Azure is throttling \(503 ServerBusy\): requests in "
+        r"flight (\d+) -> (\d+)", mount.log())]
     assert cuts and all(new < old for old, new in cuts), cuts
     assert container.download_blob("big").readall() == data
     stats = mount.stats()["driver"]

@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from azregfs import filetypes
+from azregfs.fs import filetypes
 
 
 def test_each_kind_round_trips_through_its_metadata() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from azregfs.localdirs import LocalDirs
+from azregfs.fs.localdirs import LocalDirs
 
 
 def dirs(**kwargs) -> LocalDirs[str]:

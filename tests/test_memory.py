@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from azregfs import control
+from azregfs.fs import control
 
 MiB = 1024 * 1024
 CACHE_SIZE = 64 * MiB

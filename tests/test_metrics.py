@@ -19,10 +19,10 @@ import pytest
 from conftest import Mount, azregfs_command, need
 from registry_util import wait_for
 
-from azregfs.azurite import Azurite, free_port, stop_process
-from azregfs.metrics import classify, healthy, status_class
-from azregfs.monitor import rates
-from azregfs.oci import MiB, Registry, build_image, read_image, skopeo_copy
+from azregfs.demo.azurite import Azurite, free_port, stop_process
+from azregfs.demo.oci import MiB, Registry, build_image, read_image, skopeo_copy
+from azregfs.ops.metrics import classify, healthy, status_class
+from azregfs.ops.monitor import rates
 
 # -- pure ----------------------------------------------------------------------------------
 
@@ -399,7 +399,7 @@ def test_journal_lines_carry_their_priority(tmp_path: Path) -> None:
         "st = os.fstat(2)\n"
         "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
         "from azregfs.config import Config\n"
-        "from azregfs.logs import setup_logging\n"
+        "from azregfs.ops.logs import setup_logging\n"
         "for fmt in ('text', 'json'):\n"
         "    setup_logging(Config(log_format=fmt, log_level='DEBUG'), foreground=True)\n"
         "    logging.getLogger('azregfs.x').error('bad %s', fmt)\n"

@@ -21,7 +21,7 @@ from azure.storage.blob import (
 )
 from conftest import Mount, blob_names, fsync_dir
 
-from azregfs.azurite import DEV_ACCOUNT, DEV_KEY
+from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY
 
 MiB = 1024 * 1024
 

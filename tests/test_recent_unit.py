@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from azregfs.driver import StorageError
-from azregfs.namespace import FSError
-from azregfs.recent import RecentFailures
+from azregfs.fs.nodes import FSError
+from azregfs.storage.driver import StorageError
+from azregfs.storage.recent import RecentFailures
 
 
 def test_a_storage_failure_is_raised_again_as_a_repeat_of_the_same_type() -> None:

@@ -28,7 +28,15 @@ from registry_util import (
     write_like_azure_driver_28,
 )
 
-from azregfs.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy, verify_layout
+from azregfs.demo.oci import (
+    Image,
+    MiB,
+    Registry,
+    build_image,
+    read_image,
+    skopeo_copy,
+    verify_layout,
+)
 
 pytestmark = pytest.mark.registry
 

@@ -13,11 +13,12 @@ import tracemalloc
 import pytest
 import trio
 
-from azregfs.blockcache import BlockCache
 from azregfs.config import Config
-from azregfs.driver import BlobInfo, StorageError
-from azregfs.namespace import Entry, FSError, Namespace, Node
-from azregfs.segments import (
+from azregfs.fs.namespace import Namespace
+from azregfs.fs.nodes import Entry, FSError, Node
+from azregfs.read.blockcache import BlockCache
+from azregfs.storage.driver import BlobInfo, StorageError
+from azregfs.write.segments import (
     MAX_BLOCKS,
     ZERO_BLOCK,
     Kind,
@@ -26,7 +27,7 @@ from azregfs.segments import (
     TooManyBlocks,
     plan_blocks,
 )
-from azregfs.writebuffer import MAX_APPEND_SIZE, WriteBuffer
+from azregfs.write.writebuffer import MAX_APPEND_SIZE, WriteBuffer
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -224,7 +225,7 @@ def test_changes_noted_while_a_listing_is_fetched_are_applied():
             ns.note("gone", None)
             driver.release.set()
         assert sorted(result["listing"]) == ["a", "new"]
-        assert sorted(ns.listings[""]) == ["a", "new"]  # and cached that way
+        assert sorted(ns.lists.get("")) == ["a", "new"]  # and cached that way
 
     trio.run(main)
 
@@ -239,8 +240,8 @@ def test_a_directory_changed_while_listed_is_listed_again():
             ns.changed("")  # e.g. a rename: the answer in flight cannot be patched
             driver.names = ["a", "b"]
             driver.release.set()
-        assert driver.lists == 2 and sorted(ns.listings[""]) == ["a", "b"]
-        assert not ns.fetching
+        assert driver.lists == 2 and sorted(ns.lists.get("")) == ["a", "b"]
+        assert not ns.lists.fetching
 
     trio.run(main)
 
@@ -295,7 +296,7 @@ def test_a_flat_listing_fills_every_directory_below():
     blobs = [BlobInfo(name, 1, "e", 0.0) for name in (
         "r/a/f1", "r/a/sub/f2", "r/b", "r/empty", "r/x", "r/x/hidden-by-dir", "r/bad//name")]
     blobs[3].metadata = {"hdi_isfolder": "true"}
-    listings = ns._tree("r", blobs)
+    listings = ns.lists._tree("r", blobs)
     assert sorted(listings) == ["r", "r/a", "r/a/sub", "r/empty", "r/x"]
     assert {name: entry.is_dir for name, entry in listings["r"].items()} == {
         "a": True, "b": False, "empty": True, "x": True}

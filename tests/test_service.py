@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from conftest import blob_names, need
 
-from azregfs import config, control
-from azregfs.azurite import DEV_ACCOUNT, DEV_KEY, Azurite
+from azregfs import config
+from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY, Azurite
+from azregfs.fs import control
 from azregfs.mounthelper import translate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from azregfs.throttle import MAX_RETRY_AFTER, Concurrency, RetryAfterRetry, retry_after_seconds
+from azregfs.storage.throttle import (
+    MAX_RETRY_AFTER,
+    Concurrency,
+    RetryAfterRetry,
+    retry_after_seconds,
+)
 
 
 def test_retry_after_header() -> None:

@@ -19,7 +19,7 @@ import pytest
 from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient
 from conftest import Mount, blob_names, need, start_mount
 
-from azregfs.azurite import Azurite
+from azregfs.demo.azurite import Azurite
 
 MiB = 1024 * 1024
 KiB = 1024

@@ -14,11 +14,11 @@ import pytest
 import trio
 from azure.storage.blob import BlobBlock, ContainerClient
 
-from azregfs.blockcache import BlockCache
 from azregfs.config import Config
-from azregfs.driver import Driver
-from azregfs.namespace import Node
-from azregfs.writebuffer import WriteBuffer
+from azregfs.fs.nodes import Node
+from azregfs.read.blockcache import BlockCache
+from azregfs.storage.driver import Driver
+from azregfs.write.writebuffer import WriteBuffer
 
 KiB = 1024
 BLOCK = 64 * KiB

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from . import control
+from ..fs import control
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 MiB = 1024 * 1024

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from .config import Config
+from ..config import Config
 
 # sd-daemon(3) priorities for the journal's stderr stream.
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,

@@ -3,7 +3,7 @@ injects faults: latency, throttling and server errors, connection resets, stalls
 responses cut short. A development and test tool beside ``azurite.py``; the daemon never
 imports it.
 
-    python -m azregfs.faultproxy --upstream http://127.0.0.1:10000 [--listen 127.0.0.1:0]
+    python -m testkit.faultproxy --upstream http://127.0.0.1:10000 [--listen 127.0.0.1:0]
 
 prints the port it listens on, then serves until SIGINT/SIGTERM. In Python::
 
@@ -109,8 +109,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
-from .azurite import DEV_ACCOUNT, DEV_KEY
-from .metrics import classify
+from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY
+from azregfs.ops.metrics import classify
 
 log = logging.getLogger(__name__)
 
@@ -851,7 +851,7 @@ def _host_port(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m azregfs.faultproxy",
+        prog="python -m testkit.faultproxy",
         description="Loopback fault-injecting HTTP proxy in front of Azurite; prints its port.")
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT of Azurite")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default: any port)")

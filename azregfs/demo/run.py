@@ -58,7 +58,7 @@ def _seed(connection_string: str) -> None:
 
 
 def stop(mountpoint: str) -> int:
-    from .demo_registry import stop_registry
+    from .registry import stop_registry
 
     stop_registry()  # first: a running registry keeps the mount busy
     if os.path.ismount(mountpoint):
@@ -95,7 +95,7 @@ def run_demo(mountpoint: str, with_registry: bool = False, stop_demo: bool = Fal
           f"stop it all:    .venv/bin/azregfs demo --stop\n"
           f"daemon log:     {STATE}/azregfs.log")
     if with_registry:
-        from .demo_registry import run_registry_demo
+        from .registry import run_registry_demo
 
         return run_registry_demo(mountpoint)
     return 0

@@ -1,106 +1,38 @@
 """The FUSE operations: a thin translation of kernel requests onto the namespace, the block
 cache and the write buffer. Decisions about data live in those modules, not here.
 
-Every handler runs through ``_errors``: an FSError becomes its errno (logged in one line when
-it carries a message), a StorageError its mapped errno, anything else EIO with a traceback.
-A failure repeated from recent.py's memory is logged at debug level: the ERROR line was its
-first.
+This file holds lookups, attributes, files (open, read, write, commit), directory reads
+and the control files; the requests that change the namespace are in changes.py, and
+what every request goes through (errno mapping, metrics) in requests.py.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import Any
 
 import pyfuse3
 import trio
 
-from . import control, filetypes
-from .blockcache import BlockCache, ReadStream
-from .config import Config
-from .driver import BlobInfo, StorageError
-from .metrics import fuse_operation
-from .namespace import ROOT_INODE, Entry, FSError, Namespace, Node, join, parent_of
-from .writebuffer import WriteBuffer, WriteSession
+from ..config import Config
+from ..read.blockcache import BlockCache, ReadStream
+from ..storage.driver import BlobInfo, StorageError
+from ..write.writebuffer import WriteBuffer, WriteSession
+from . import control
+from .changes import NamespaceChanges
+from .namespace import ROOT_INODE, Namespace
+from .nodes import Entry, FSError, Node, join, parent_of
+from .requests import DirHandle, Handle, handled
 
 log = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
-QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG, errno.EISDIR,
-         errno.ENOTDIR, errno.EINVAL}
-
-
-def _errors(handler: F) -> F:
-    """Map exceptions to errnos, and count and time the request (metrics)."""
-    op = handler.__name__
-
-    @functools.wraps(handler)
-    async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
-        token = fuse_operation.set(op)  # names this request in the Azure request log
-        started = time.monotonic()
-        error: int | None = None
-        try:
-            return await handler(self, *args, **kwargs)
-        except pyfuse3.FUSEError as exc:
-            error = exc.errno
-            raise
-        except FSError as exc:
-            error = exc.errno
-            if exc.message and exc.errno not in QUIET and not exc.repeated:
-                log.error("%s: %s", op, exc.message)
-            elif exc.message:
-                log.debug("%s: %s", op, exc.message)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except StorageError as exc:
-            error = exc.errno
-            if exc.errno not in QUIET and not exc.repeated:
-                log.error("%s: %s", op, exc)
-            else:
-                log.debug("%s: %s", op, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except Exception:
-            error = errno.EIO
-            log.exception("%s failed unexpectedly", op)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            fuse_operation.reset(token)
-            self.metrics.fuse_done(op, time.monotonic() - started, error)
-
-    return wrapper  # type: ignore[return-value]
-
-
-@dataclass(eq=False)
-class Handle:
-    node: Node
-    name: str  # blob name at open
-    etag: str  # version read by this handle (close-to-open)
-    size: int
-    session: WriteSession | None
-    stream: ReadStream
-    # A small file is fetched whole at its first read and held (pinned) for the handle, so
-    # the handle serves one version even when the blob is replaced; set once tried.
-    pinning: trio.Event | None = None
-    pinned: tuple[str, str] | None = None  # the (name, ETag) held in the cache
-    # Opened while a rename replaced its file (direct I/O, so the kernel does not cut reads
-    # at the size it knew): it may take the new version, whatever its size.
-    follow: bool = False
-
-
-@dataclass
-class DirHandle:
-    node: Node
-    entries: list[tuple[str, Entry]]
-
-
-class Operations(pyfuse3.Operations):
+class Operations(NamespaceChanges, pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
@@ -136,11 +68,11 @@ class Operations(pyfuse3.Operations):
     async def _committed(self, node: Node, info: BlobInfo) -> None:
         self.ns.clear_pending(node.path)
         self.ns.note(node.path, Entry(False, info))
-        await self.ns.drop_markers_above(node.path)
+        await self.ns.markers.drop_above(node.path)
 
     # -- lookups and attributes ------------------------------------------------------------
 
-    @_errors
+    @handled
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: Any = None) -> pyfuse3.EntryAttributes:
         if control.is_reserved(parent_inode, name):
@@ -162,7 +94,7 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         return self.ns.attributes(node)
 
-    @_errors
+    @handled
     async def forget(self, inode_list: Any) -> None:
         for inode, count in inode_list:
             self.ns.forget(inode, count)
@@ -170,7 +102,7 @@ class Operations(pyfuse3.Operations):
                 # The kernel dropped the inode and its pages: nothing left to keep.
                 self.seen_etag.pop(inode, None)
 
-    @_errors
+    @handled
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         if control.is_control(inode):
             return self.control.attributes(inode)
@@ -178,7 +110,7 @@ class Operations(pyfuse3.Operations):
         await self.ns.refresh(node, self.cfg.attr_timeout)
         return self.ns.attributes(node)
 
-    @_errors
+    @handled
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         if control.is_control(inode):
@@ -274,7 +206,7 @@ class Operations(pyfuse3.Operations):
 
     # -- files -----------------------------------------------------------------------------
 
-    @_errors
+    @handled
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if control.is_control(inode):
@@ -311,7 +243,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache and not handle.follow,
                                 direct_io=handle.follow)
 
-    @_errors
+    @handled
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._parent_to_change(parent_inode, name)
@@ -337,78 +269,7 @@ class Operations(pyfuse3.Operations):
         info = self._open_handle(node, session, keep_cache=False)
         return info, self.ns.attributes(node)
 
-    # -- symlinks, special files and hard links (filetypes.py) -----------------------------
-
-    @_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
-        metadata = {**filetypes.symlink_metadata(), **self._new_metadata(0o777, 0o777, ctx)}
-        node = await self._make_blob(parent_inode, name, target, metadata)
-        node.link = (node.etag, target)
-        return self.ns.attributes(node)
-
-    @_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        if stat.S_ISREG(mode):
-            metadata: dict[str, str] = {}
-        else:
-            try:
-                metadata = filetypes.special_metadata(mode, rdev)
-            except ValueError:
-                raise FSError(errno.EINVAL) from None
-        metadata.update(self._new_metadata(mode, 0o666, ctx))
-        return self.ns.attributes(await self._make_blob(parent_inode, name, b"", metadata))
-
-    async def _make_blob(self, parent_inode: int, name: bytes, data: bytes,
-                         metadata: dict[str, str]) -> Node:
-        """A new name holding a small blob, written at once (one Put Blob, create-only)."""
-        parent = self._parent_to_change(parent_inode, name)
-        path = self.ns.child_name(parent, name)
-        if await self.ns.resolve(path, just_looked_up=True) is not None:
-            raise FSError(errno.EEXIST)
-        info = await self.driver.put(self.ns.blob_name(path), data, metadata, exclusive=True)
-        entry = Entry(False, info)
-        self.ns.note(path, entry)
-        node = self.ns.remember(path, entry)
-        node.lookups += 1
-        self.ns.touch(parent.path)
-        await self.ns.drop_markers_above(path)
-        return node
-
-    def _new_metadata(self, mode: int, full: int, ctx: Any) -> dict[str, str]:
-        """What a new file or directory keeps beyond the mount's defaults: its mode, and its
-        creator as owner (a registry running as the mount's uid/gid adds nothing)."""
-        metadata = {}
-        if stat.S_IMODE(mode) != full & ~self.cfg.umask:
-            metadata["mode"] = f"{stat.S_IMODE(mode):o}"
-        if ctx is not None and ctx.uid != self.cfg.uid:
-            metadata["uid"] = str(ctx.uid)
-        if ctx is not None and ctx.gid != self.cfg.gid:
-            metadata["gid"] = str(ctx.gid)
-        return metadata
-
-    @_errors
-    async def readlink(self, inode: int, ctx: Any) -> bytes:
-        node = self.ns.get(inode)
-        if node.is_dir or filetypes.file_type(node.metadata) != stat.S_IFLNK:
-            raise FSError(errno.EINVAL)
-        await self.ns.refresh(node, self.cfg.attr_timeout)
-        if node.link is None or node.link[0] != node.etag:
-            name = self.ns.blob_name(node.former if node.gone else node.path)
-            target = await self.driver.read(name, 0, node.size, node.etag) if node.size else b""
-            node.link = (node.etag, target)
-        return node.link[1]
-
-    @_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: Any) -> pyfuse3.EntryAttributes:
-        # No hard links: a blob has one name, and a second name kept only in this mount's
-        # memory would be a different file on every other host (README). EPERM is what
-        # link(2) gives on a filesystem that does not support them (POSIX), as on vfat.
-        raise FSError(errno.EPERM)
-
-    @_errors
+    @handled
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         if handle is None:
@@ -478,7 +339,7 @@ class Operations(pyfuse3.Operations):
             except (StorageError, FSError) as exc:
                 log.debug("could not hold %s for an open descriptor: %s", name, exc)
 
-    @_errors
+    @handled
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
         if handle.session is None:
@@ -507,11 +368,11 @@ class Operations(pyfuse3.Operations):
         while self.writes_in_flight:
             await self._writes_drained.park()
 
-    @_errors
+    @handled
     async def flush(self, fh: int) -> None:
         await self._commit(fh)
 
-    @_errors
+    @handled
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._commit(fh)
 
@@ -520,7 +381,7 @@ class Operations(pyfuse3.Operations):
         if handle is not None and handle.session is not None:
             await handle.session.commit()
 
-    @_errors
+    @handled
     async def release(self, fh: int) -> None:
         if self.control.handles.pop(fh, None) is not None:
             return
@@ -537,215 +398,9 @@ class Operations(pyfuse3.Operations):
                 self.ns.changed(parent_of(path))
         self.ns.maybe_drop(handle.node)
 
-    # -- namespace changes -----------------------------------------------------------------
-
-    def _parent_to_change(self, parent_inode: int, name: bytes) -> Node:
-        """The directory in which `name` is to be created, removed or renamed."""
-        if control.is_reserved(parent_inode, name):
-            raise FSError(errno.EACCES)  # the control directory (control.py)
-        return self.ns.get(parent_inode)
-
-    async def _existing(self, parent: Node, name: bytes) -> tuple[str, Entry]:
-        path = self.ns.child_name(parent, name)
-        entry = await self.ns.resolve(path)
-        if entry is None:
-            raise FSError(errno.ENOENT)
-        return path, entry
-
-    @_errors
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        parent = self._parent_to_change(parent_inode, name)
-        path, entry = await self._existing(parent, name)
-        if entry.is_dir:
-            raise FSError(errno.EISDIR)
-        node = self.ns.by_path.get(path)
-        session = self.writes.session(node) if node else None
-        if session is not None:
-            session.deleted = True
-        if not self.ns.is_pending(path):
-            await self._hold_open_versions(self.ns.blob_name(path))
-            await self.driver.delete(self.ns.blob_name(path), missing_ok=False)
-        self.ns.forget_path(path)
-        self.ns.note(path, None)
-        self.ns.keep_directory(parent.path)
-        self.ns.touch(parent.path)
-
-    @_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: Any) -> pyfuse3.EntryAttributes:
-        parent = self._parent_to_change(parent_inode, name)
-        path = self.ns.child_name(parent, name)
-        proven_at = self.ns.absent_since(path)
-        if await self.ns.resolve(path, just_looked_up=True) is not None:
-            raise FSError(errno.EEXIST)
-        if self.driver.writes_refused:
-            raise FSError(errno.EACCES, f"mkdir {path}: the SAS token allows no writes")
-        # No request: see Namespace.made_directory.
-        node = self.ns.made_directory(path, proven_at)
-        node.metadata = self._new_metadata(mode, 0o777, ctx)  # mkdir -m 700, as create()
-        node.lookups += 1
-        self.ns.touch(parent.path)
-        return self.ns.attributes(node)
-
-    @_errors
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        parent = self._parent_to_change(parent_inode, name)
-        async with self.ns.changing(self.ns.child_name(parent, name)):
-            path, entry = await self._existing(parent, name)
-            if not entry.is_dir:
-                raise FSError(errno.ENOTDIR)
-            await self._require_empty(path)
-            await self._delete_marker(path, entry)
-            self.ns.removed_directory(path)
-            self.ns.keep_directory(parent.path)
-            self.ns.touch(parent.path)
-
-    async def _require_empty(self, path: str) -> None:
-        if not await self.ns.is_empty(path):
-            raise FSError(errno.ENOTEMPTY)
-
-    async def _delete_marker(self, path: str, entry: Entry) -> None:
-        """An empty directory is gone: delete its marker blob, if it has one (a directory
-        made here whose marker is still deferred, or an implicit one, has none)."""
-        node = self.ns.by_path.get(path)
-        if entry.info is not None or (node is not None and node.marker):
-            await self.driver.delete(self.ns.blob_name(path))
-
-    @_errors
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any) -> None:
-        if flags & pyfuse3.RENAME_EXCHANGE:
-            raise FSError(errno.EINVAL)
-        old_parent = self._parent_to_change(parent_inode_old, name_old)
-        new_parent = self._parent_to_change(parent_inode_new, name_new)
-        async with self.ns.changing(self.ns.child_name(old_parent, name_old),
-                                    self.ns.child_name(new_parent, name_new)):
-            await self._rename(old_parent, name_old, new_parent, name_new, flags)
-
-    async def _rename(self, old_parent: Node, name_old: bytes, new_parent: Node,
-                      name_new: bytes, flags: int) -> None:
-        old_path, entry = await self._existing(old_parent, name_old)
-        new_path = self.ns.child_name(new_parent, name_new)
-        if old_path == new_path:
-            return
-        target = await self.ns.resolve(new_path)
-        if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
-            raise FSError(errno.EEXIST)
-        if entry.is_dir:
-            if target is not None and not target.is_dir:
-                raise FSError(errno.ENOTDIR)
-            if new_path.startswith(old_path + "/"):
-                raise FSError(errno.EINVAL)
-            if target is not None:
-                await self._require_empty(new_path)
-                await self._delete_marker(new_path, target)
-                self.ns.local.removed(new_path)
-            await self._rename_dir(old_path, new_path)
-            self.ns.local.moved(old_path, new_path, time.monotonic())
-            self.ns.note(old_path, None)
-            self.ns.note(new_path, Entry(True, None))
-        else:
-            if target is not None and target.is_dir:
-                raise FSError(errno.EISDIR)
-            victim = self.ns.by_path.get(new_path) if target is not None else None
-            replaced = self.ns.blob_name(new_path)
-            self.replacing[replaced] = self.replacing.get(replaced, 0) + 1
-            try:
-                if target is not None:
-                    await self._hold_open_versions(replaced)
-                moved = await self._rename_file(old_path, new_path, entry.info,
-                                                target.info if target is not None else None)
-            finally:
-                self._replaced(replaced)
-            victim_session = self.writes.session(victim) if victim is not None else None
-            if victim_session is not None:
-                victim_session.deleted = True  # as unlinked: its commit must not clobber ours
-            self.ns.note(old_path, None)  # (changed() below drops cached listings; a
-            self.ns.note(new_path, Entry(False, moved))  # directory made here keeps its own)
-        node = self.ns.by_path.get(old_path)
-        if node is not None:
-            self.ns.move(node, new_path)
-        else:
-            self.ns.forget_path(new_path)
-        if entry.is_dir:  # a file's two names were noted above, exactly
-            self.ns.changed(old_parent.path, new_parent.path, old_path, new_path)
-        self.ns.absent.pop(new_path, None)
-        await self.ns.drop_markers_above(new_path)
-        if old_parent is not new_parent:
-            self.ns.keep_directory(old_parent.path)
-        self.ns.touch(old_parent.path, new_parent.path)
-
-    def _replaced(self, name: str) -> None:
-        count = self.replacing.pop(name, 1) - 1
-        if count > 0:
-            self.replacing[name] = count
-
-    async def _rename_file(self, old_path: str, new_path: str, moved: BlobInfo | None = None,
-                           replaced: BlobInfo | None = None) -> BlobInfo | None:
-        """Copy and delete; returns what the blob now is under its new name."""
-        source, target = self.ns.blob_name(old_path), self.ns.blob_name(new_path)
-        node = self.ns.by_path.get(old_path)
-        session = self.writes.session(node) if node else None
-
-        async def move() -> BlobInfo:
-            current = session.base if session is not None else moved
-            if replaced is not None and (current is None
-                                         or current.blob_type != replaced.blob_type):
-                # Azure's Copy Blob refuses to overwrite a blob of another type (a v3
-                # registry's append-blob `link` replaced by a block-blob .tmp file).
-                await self.driver.delete(target)
-            info = await self.driver.copy(source, target, current)
-            await self.driver.delete(source)
-            return info
-
-        if session is not None:
-            await session.relocate(target, move)
-            self.ns.clear_pending(old_path)
-            if session.base is not None:
-                self._follow(source, session.base)
-            return session.base
-        info = await move()
-        if node is not None:
-            node.absorb(info)
-        self._follow(source, info)
-        return info
-
-    def _follow(self, source: str, info: BlobInfo) -> None:
-        """A blob was copied to a new name: descriptors open on it read the copy (same
-        bytes, new ETag), as an open file survives a rename on a local filesystem."""
-        for handle in self.handles.values():
-            if handle.name == source:
-                handle.name, handle.etag, handle.size = info.name, info.etag, info.size
-
-    async def _rename_dir(self, old_path: str, new_path: str) -> None:
-        """Move every blob under the prefix (not atomic on a flat-namespace account)."""
-        old_prefix, new_prefix = self.ns.dir_prefix(old_path), self.ns.dir_prefix(new_path)
-        for session in list(self.writes.sessions.values()):
-            if session.name.startswith(old_prefix):
-                await session.commit()
-        moves: list[tuple[BlobInfo, str]] = []  # (source, target blob name)
-        async for page in self.driver.list_all(old_prefix):
-            moves += [(info, new_prefix + info.name[len(old_prefix):]) for info in page]
-        marker = await self.driver.head(self.ns.blob_name(old_path))
-        if marker is not None and marker.is_marker:
-            moves.append((marker, self.ns.blob_name(new_path)))
-        for source, target in moves:
-            name = source.name
-            info = await self.driver.copy(name, target, source)
-            await self.driver.delete(name)
-            known = self.ns.by_path.get(name[len(self.ns.prefix):])
-            if known is not None and not known.is_dir:
-                known.absorb(info)  # its old ETag would make every read ESTALE
-            self._follow(name, info)
-        for session in self.writes.sessions.values():
-            if session.name.startswith(old_prefix):
-                session.name = new_prefix + session.name[len(old_prefix):]
-                if session.base is not None:
-                    session.base = await self.driver.head(session.name)
-
     # -- directories -----------------------------------------------------------------------
 
-    @_errors
+    @handled
     async def opendir(self, inode: int, ctx: Any) -> int:
         if control.is_control(inode):
             if inode != control.DIR_INODE:
@@ -764,7 +419,7 @@ class Operations(pyfuse3.Operations):
         node.opens += 1
         return fh
 
-    @_errors
+    @handled
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if fh in self.control_dirs:
             for index, (name, attrs) in enumerate(self.control.entries()[start_id:], start_id):
@@ -781,7 +436,7 @@ class Operations(pyfuse3.Operations):
                 return
             node.lookups += 1
 
-    @_errors
+    @handled
     async def releasedir(self, fh: int) -> None:
         if fh in self.control_dirs:
             self.control_dirs.discard(fh)
@@ -790,14 +445,14 @@ class Operations(pyfuse3.Operations):
         handle.node.opens -= 1
         self.ns.maybe_drop(handle.node)
 
-    @_errors
+    @handled
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Namespace changes reach Azure before their request returns, except the marker of
         an empty directory made here (deferred, see localdirs.py): written now."""
         if fh not in self.control_dirs:
-            await self.ns.write_markers(under=self.dir_handles[fh].node.path)
+            await self.ns.markers.write_due(under=self.dir_handles[fh].node.path)
 
-    @_errors
+    @handled
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
@@ -808,13 +463,13 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes: none (see control.py) and the control files ----------------
 
-    @_errors
+    @handled
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         # ENOSYS, not ENODATA: the kernel then stops asking for security.capability before
         # every write (control.py explains).
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_errors
+    @handled
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         raise pyfuse3.FUSEError(errno.ENOSYS)
 

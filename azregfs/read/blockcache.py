@@ -50,9 +50,9 @@ from dataclasses import dataclass
 import cachetools
 import trio
 
-from .driver import Driver, StorageError
-from .flight import Flight
-from .recent import RecentFailures
+from ..storage.driver import Driver, StorageError
+from ..storage.flight import Flight
+from ..storage.recent import RecentFailures
 
 log = logging.getLogger(__name__)
 

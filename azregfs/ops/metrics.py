@@ -40,8 +40,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from .config import parse_address
-from .throttle import Concurrency
+from ..config import parse_address
+from ..storage.throttle import Concurrency
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ from azure.storage.blob import (
     ContentSettings,
 )
 
+from ..config import Config
+from ..ops.metrics import Metrics, RequestMeter
 from .blobs import BlobInfo, ListPage, list_query, parse_list
-from .config import Config
-from .metrics import Metrics, RequestMeter
 from .throttle import Concurrency, RetryAfterRetry
 
 log = logging.getLogger(__name__)

@@ -70,9 +70,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .blockcache import BlockCache
-from .driver import BlobInfo, Driver, StorageError
-from .namespace import FSError, Node
+from ..fs.nodes import FSError, Node
+from ..read.blockcache import BlockCache
+from ..storage.driver import BlobInfo, Driver, StorageError
 from .segments import (
     MAX_BLOCKS,
     ZERO_BLOCK,

@@ -1,0 +1,264 @@
+"""Directory listings: fetched from Azure, cached for dir_timeout, and kept true to this
+mount's own changes.
+
+Invariants:
+- A cached listing is what Azure returned, patched with every change this mount made to
+  that directory since (``note``). Its lifetime is never extended by a patch, so another
+  host's change still shows within dir_timeout.
+- Every fetch in flight for a directory records the changes noted meanwhile and applies
+  them to what Azure returned before it is cached, since the LIST may have been answered
+  before or after the change landed. A whole-directory change (``changed``) while a fetch
+  is in flight makes the fetch start again (at most twice more; the last result is
+  returned but not cached). So a file closed on this mount is in the next readdir here,
+  whatever listing was in flight when it committed.
+- One flat LIST of a small subtree (at most ``limit`` blobs) fills the listing of every
+  directory below it. A flat fetch that raced one of our changes (``generation`` moved)
+  answers only the directory asked about, from a fresh level listing.
+- Bounded: listings in estimated bytes (``listing_cache_size``); a listing bigger than
+  the whole cache is not kept (each reader lists it again: pages, not memory).
+- Names the tree cannot show (empty segments, trailing '/', '.' or '..') are skipped with
+  one warning each.
+
+Code between two ``await``s is atomic (trio): the tables are only mutated synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import cachetools
+
+from ..config import Config
+from ..storage.driver import BlobInfo, Driver, StorageError
+from .nodes import Entry, FSError, join
+
+log = logging.getLogger(__name__)
+
+SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent's listing
+# Blobs a flat LIST may bring to fill a whole subtree: a lookup miss tries one page's worth,
+# a readdir (a walk: find, du, a registry's catalog) two pages'.
+FLAT_LOOKUP, FLAT_WALK = 1000, 10000
+
+
+@dataclass
+class _Fetch:
+    """A listing being fetched: our changes to its directory since the fetch began."""
+
+    changes: dict[str, Entry | None] = field(default_factory=dict)  # name -> entry, or gone
+    invalidated: bool = False
+
+
+def _listing_bytes(entries: dict[str, Entry]) -> int:
+    """A listing's memory, estimated: names, entries and their blob properties."""
+    return 256 + sum(600 + 2 * len(name) for name in entries)
+
+
+class Listings:
+    def __init__(self, cfg: Config, driver: Driver) -> None:
+        self.driver = driver
+        self.prefix = cfg.prefix
+        # Bounded in (estimated) bytes: one flat listing may fill many directories at once.
+        self.cache: cachetools.TTLCache[str, dict[str, Entry]] = cachetools.TTLCache(
+            maxsize=cfg.listing_cache_size, ttl=max(cfg.dir_timeout, 0.001),
+            getsizeof=_listing_bytes,
+        )
+        # Directories whose subtree was too big for a flat listing: the limit it exceeded.
+        self.big_subtrees: cachetools.TTLCache[str, int] = cachetools.TTLCache(
+            maxsize=4096, ttl=300)
+        # Directories whose last listing fit in one small page: lookups there list them.
+        self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+        self.generation = 0  # bumped by each change we note: a flat fetch checks it
+        self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
+        self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
+
+    def dir_prefix(self, path: str) -> str:
+        return self.prefix + path + "/" if path else self.prefix
+
+    def get(self, path: str) -> dict[str, Entry] | None:
+        """The cached listing of a directory, while fresh."""
+        return self.cache.get(path)
+
+    def may_list_flat(self, path: str, limit: int) -> bool:
+        """Not known to hold more than `limit` blobs below it."""
+        return self.big_subtrees.get(path, 0) < limit
+
+    def is_small(self, path: str) -> bool:
+        return path in self.small_dirs
+
+    def _skip(self, full_name: str, why: str) -> None:
+        if full_name not in self.warned:
+            self.warned[full_name] = True
+            log.warning("blob %r is not shown: %s", full_name, why)
+
+    # -- fetches ---------------------------------------------------------------------------
+
+    async def level(self, path: str) -> dict[str, Entry]:
+        """The whole listing of one directory, page after page (and cache it)."""
+        entries = await self._fetched(path, self._list)
+        assert entries is not None
+        return entries
+
+    async def _fetched(self, path: str, fetch: Callable[[str], Awaitable[dict[str, Entry] | None]],
+                       attempts: int = 3) -> dict[str, Entry] | None:
+        """Run a listing fetch, patch in our changes noted while it ran, and cache it."""
+        entries: dict[str, Entry] | None = None
+        for _ in range(attempts):
+            record = _Fetch()
+            self.fetching.setdefault(path, []).append(record)
+            try:
+                entries = await fetch(path)
+            finally:
+                records = self.fetching[path]
+                records.remove(record)
+                if not records:
+                    del self.fetching[path]
+            if entries is None:
+                return None
+            for name, entry in record.changes.items():
+                if entry is None:
+                    entries.pop(name, None)
+                else:
+                    entries[name] = entry
+            if not record.invalidated:
+                self.keep(path, entries)
+                return entries
+        return entries  # changed all along: right for this caller, not worth keeping
+
+    async def _list(self, path: str) -> dict[str, Entry]:
+        entries: dict[str, Entry] = {}
+        try:
+            async for blobs, prefixes in self.driver.list_level(self.dir_prefix(path)):
+                self._add_page(path, entries, blobs, prefixes)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        return entries
+
+    async def level_if_small(self, path: str) -> dict[str, Entry] | None:
+        """The directory's listing when one small page holds it (and cache it), else None.
+
+        A name that is not a blob costs a LIST anyway; listing its small parent instead
+        answers the next lookups there too (a registry creates files in fresh small
+        directories), while a huge directory is never listed just to miss one name."""
+        return await self._fetched(path, self._small_page)
+
+    async def _small_page(self, path: str) -> dict[str, Entry] | None:
+        try:
+            page = await self.driver.list_level_small(self.dir_prefix(path), SMALL_LISTING)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        if page is None:
+            self.small_dirs.pop(path, None)
+            return None
+        entries: dict[str, Entry] = {}
+        self._add_page(path, entries, *page)
+        self.small_dirs[path] = True
+        return entries
+
+    async def subtree_if_small(self, path: str, limit: int) -> dict[str, Entry] | None:
+        """The directory's listing from a flat LIST of everything under it, when it holds at
+        most `limit` blobs; every directory below is cached too. Else None (and a subtree
+        too big for `limit` is not listed flat again at that limit for a while)."""
+        generation = self.generation
+        try:
+            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), limit)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        if blobs is None:
+            self.big_subtrees[path] = limit  # more than that: not tried again soon
+            return None
+        listings = self._tree(path, blobs)
+        if generation != self.generation:
+            # We changed something while the LIST ran: it may predate that change. Only
+            # the directory asked about is answered, from a fresh level listing.
+            return await self.level_if_small(path)
+        for directory, entries in listings.items():
+            self.keep(directory, entries)
+            self.small_dirs[directory] = True
+        return listings[path]
+
+    def keep(self, path: str, entries: dict[str, Entry]) -> None:
+        """Keep a listing for dir_timeout, unless it alone is bigger than the whole cache
+        (such a directory is listed again by each reader: pages, not memory)."""
+        if _listing_bytes(entries) <= self.cache.maxsize:
+            self.cache[path] = entries
+
+    def _tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
+        """The listing of path and of every directory below it, from a flat listing."""
+        prefix = self.dir_prefix(path)
+        listings: dict[str, dict[str, Entry]] = {path: {}}
+        for info in blobs:
+            parts = info.name[len(prefix):].split("/")
+            if any(not part or part in (".", "..") for part in parts):
+                self._skip(info.name, "ends with '/' or has an empty or dot path segment")
+                continue
+            directory = path
+            for part in parts[:-1]:
+                entries = listings[directory]
+                known = entries.get(part)
+                if known is None or not known.is_dir:
+                    if known is not None:
+                        self._skip(self.prefix + join(directory, part),
+                                   "a directory of the same name hides it")
+                    entries[part] = Entry(True, None)
+                directory = join(directory, part)
+                listings.setdefault(directory, {})
+            leaf, entries = parts[-1], listings[directory]
+            if info.is_marker:
+                entries[leaf] = Entry(True, info)
+                listings.setdefault(join(directory, leaf), {})
+            elif leaf in entries and entries[leaf].is_dir:
+                self._skip(info.name, "a directory of the same name hides it")
+            else:
+                entries[leaf] = Entry(False, info)
+        return listings
+
+    def _add_page(self, path: str, entries: dict[str, Entry], blobs: list[BlobInfo],
+                  prefixes: list[str]) -> None:
+        prefix = self.dir_prefix(path)
+        for sub in prefixes:
+            name = sub[len(prefix):-1]
+            if not name or name in (".", ".."):
+                self._skip(sub, "it and every blob under it have an empty or dot "
+                           "path segment")
+                continue
+            previous = entries.get(name)
+            entries[name] = Entry(True, previous.info if previous else None)
+        for info in blobs:
+            name = info.name[len(prefix):]
+            if not name or name in (".", ".."):
+                self._skip(info.name, "ends with '/' or has a dot segment")
+                continue
+            if info.is_marker:
+                entries[name] = Entry(True, info)
+            elif name in entries and entries[name].is_dir:
+                self._skip(info.name, "a directory of the same name hides it")
+            else:
+                entries[name] = Entry(False, info)
+
+    # -- our own changes -------------------------------------------------------------------
+
+    def changed(self, *dir_paths: str) -> None:
+        """Our own change to these directories: drop their cached listings (and those being
+        fetched: they fetch again)."""
+        self.generation += 1
+        for path in dir_paths:
+            self.cache.pop(path, None)
+            for record in self.fetching.get(path, ()):
+                record.invalidated = True
+
+    def note(self, path: str, entry: Entry | None) -> None:
+        """Our own change to one name: patch the parent's cached listing in place (its
+        lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
+        self.generation += 1
+        parent, _, name = path.rpartition("/")
+        for record in self.fetching.get(parent, ()):
+            record.changes[name] = entry
+        listing = self.cache.get(parent)
+        if listing is None:
+            return
+        if entry is None:
+            listing.pop(name, None)
+        else:
+            listing[name] = entry

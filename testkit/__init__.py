@@ -1,0 +1,1 @@
+"""Instruments for tests and benchmarks, never installed with azregfs: the fault proxy."""
