@@ -178,3 +178,21 @@ def test_what_a_user_creates_is_owned_by_that_user(mount_factory,
     before = os.stat(mnt.path / "shared").st_mtime
     (mnt.path / "shared" / "another").write_bytes(b"")  # a new entry: the directory's
     assert os.stat(mnt.path / "shared").st_mtime > before  # mtime moves, as POSIX wants
+
+
+def test_times_keep_their_nanoseconds_and_atime_its_own_value(mnt: Mount) -> None:
+    """utimensat(2) sets atime and mtime apart, to the nanosecond (rsync -a --atimes, tar)."""
+    path = mnt.path / "f"
+    path.write_bytes(b"x")
+    os.utime(path, ns=(1_900_000_000_100_000_000, 1_950_000_000_123_456_789))
+    info = os.stat(path)
+    assert (info.st_atime_ns, info.st_mtime_ns) == (1_900_000_000_100_000_000,
+                                                    1_950_000_000_123_456_789)
+    os.utime(mnt.path, ns=(5, 7))  # the root has no blob: kept while mounted
+    assert (os.stat(mnt.path).st_atime_ns, os.stat(mnt.path).st_mtime_ns) == (5, 7)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.unlink(path)
+        assert os.fstat(fd).st_nlink == 0  # unlinked while open
+    finally:
+        os.close(fd)

@@ -179,15 +179,19 @@ class Namespace:
             else:
                 default = 0o666 & ~self.cfg.umask
                 attr.st_mode = kind | _int(meta.get("mode"), default, 8) & 0o7777
-            attr.st_nlink = 1
+            attr.st_nlink = 0 if node.gone else 1  # unlinked while open, as POSIX says
             attr.st_size = node.size
         attr.st_uid = _int(meta.get("uid"), self.cfg.uid)
         attr.st_gid = _int(meta.get("gid"), self.cfg.gid)
         attr.st_rdev = rdev(meta)
         attr.st_blksize = 1 << 20
         attr.st_blocks = (attr.st_size + 511) // 512
-        stamp = int(node.mtime * 1e9)
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = stamp
+        # utimensat's nanoseconds survive: the metadata strings are read exactly, the float
+        # only when it is newer than them (a write, a change to a directory).
+        mtime = _exact_ns(meta.get("mtime"), node.mtime)
+        attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        atime = meta.get("atime")
+        attr.st_atime_ns = _exact_ns(atime, None) if atime else mtime
         return attr
 
     def _entry_timeout(self, node: Node) -> float:
@@ -443,6 +447,27 @@ class Namespace:
         node = self.by_path.get(path)
         if path and not (node is not None and node.marker):
             self.local.emptied(path, time.monotonic())
+
+
+def time_text(ns: int) -> str:
+    """A time in metadata: seconds with all nine decimals, so that nanoseconds survive."""
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def _exact_ns(text: str | None, current: float | None) -> int:
+    """Nanoseconds from a metadata time, if it is what `current` holds (None: any); else
+    `current` itself (0 if None)."""
+    fallback = round(current * 1e9) if current is not None else 0
+    if not text:
+        return fallback
+    seconds, _, fraction = text.partition(".")
+    try:
+        exact = int(seconds) * 1_000_000_000 + int((fraction + "000000000")[:9])
+    except ValueError:
+        return fallback
+    if current is not None and abs(exact - fallback) > 1000:
+        return fallback  # changed since (a write, an entry added here)
+    return exact
 
 
 def _int(value: str | None, default: int, base: int = 10) -> int:

@@ -26,7 +26,7 @@ from ..storage.driver import BlobInfo, StorageError
 from ..write.writebuffer import WriteBuffer, WriteSession
 from . import control
 from .changes import NamespaceChanges
-from .namespace import ROOT_INODE, Namespace
+from .namespace import ROOT_INODE, Namespace, time_text
 from .nodes import Entry, FSError, Node, join, parent_of
 from .requests import DirHandle, Handle, handled
 
@@ -130,7 +130,9 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
             # written, so this costs no request.
             node.mtime = attr.st_mtime_ns / 1e9
         elif fields.update_mtime:
-            changes["mtime"] = f"{attr.st_mtime_ns / 1e9:.9f}"
+            changes["mtime"] = time_text(attr.st_mtime_ns)
+        if fields.update_atime:
+            changes["atime"] = time_text(attr.st_atime_ns)
         if fields.update_size:
             if node.is_dir:
                 raise FSError(errno.EISDIR)
