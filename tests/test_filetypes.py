@@ -190,6 +190,8 @@ def test_times_keep_their_nanoseconds_and_atime_its_own_value(mnt: Mount) -> Non
                                                     1_950_000_000_123_456_789)
     os.utime(mnt.path, ns=(5, 7))  # the root has no blob: kept while mounted
     assert (os.stat(mnt.path).st_atime_ns, os.stat(mnt.path).st_mtime_ns) == (5, 7)
+    os.chown(mnt.path, 0, 0)  # ctime moves on an attribute change; mtime stays
+    assert os.stat(mnt.path).st_ctime_ns > 7 and os.stat(mnt.path).st_mtime_ns == 7
     fd = os.open(path, os.O_RDONLY)
     try:
         os.unlink(path)

@@ -189,7 +189,8 @@ class Namespace:
         # utimensat's nanoseconds survive: the metadata strings are read exactly, the float
         # only when it is newer than them (a write, a change to a directory).
         mtime = _exact_ns(meta.get("mtime"), node.mtime)
-        attr.st_mtime_ns = attr.st_ctime_ns = mtime
+        attr.st_mtime_ns = mtime
+        attr.st_ctime_ns = max(mtime, round(node.changed_at * 1e9))
         atime = meta.get("atime")
         attr.st_atime_ns = _exact_ns(atime, None) if atime else mtime
         return attr

@@ -42,6 +42,7 @@ class Node:
     checked_at: float = 0.0  # monotonic time the attributes were last read from Azure
     former: str = ""  # replaced (renamed over) or deleted: the path it had
     link: tuple[str, bytes] | None = None  # a symlink's (ETag, target), once read
+    changed_at: float = 0.0  # last chmod/chown/utime/truncate here: ctime, in memory only
 
     @property
     def gone(self) -> bool:

@@ -139,6 +139,7 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
             await self._truncate(node, attr.st_size)
         if changes:
             await self._set_metadata(node, changes)
+        node.changed_at = time.time()  # POSIX: every attribute change moves ctime
         return self.ns.attributes(node)
 
     async def _truncate(self, node: Node, size: int) -> None:
