@@ -376,7 +376,7 @@ def test_daemon_logs_its_versions_and_each_request_with_its_fuse_operation(mnt) 
     (mnt.path / "f").write_bytes(b"data")
     log = mnt.log()
     assert re.search(r"INFO azregfs\.daemon: azregfs \S+ \(pyfuse3 ", log)
-    assert re.search(r"DEBUG azregfs\.metrics: azure put /\S+/f -> 201 [\d.]+ ms "
+    assert re.search(r"DEBUG azregfs\.ops\.metrics: azure put /\S+/f -> 201 [\d.]+ ms "
                      r"\[fuse (flush|release)\]", log), log[-3000:]
 
 
