@@ -128,7 +128,7 @@ class NamespaceChanges:
         old_parent = self._parent_to_change(parent_inode_old, name_old)
         new_parent = self._parent_to_change(parent_inode_new, name_new)
         async with self.ns.markers.changing(self.ns.child_name(old_parent, name_old),
-                                    self.ns.child_name(new_parent, name_new)):
+                                            self.ns.child_name(new_parent, name_new)):
             await self._rename(old_parent, name_old, new_parent, name_new, flags)
 
     async def _rename(self, old_parent: Node, name_old: bytes, new_parent: Node,

@@ -34,24 +34,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from .nodes import ancestors, is_under, parent_of
+
 E = TypeVar("E")  # what a listing maps names to (the namespace's Entry)
-
-
-def parent_of(path: str) -> str:
-    return path.rpartition("/")[0]
-
-
-def _ancestors(path: str) -> list[str]:
-    """Proper ancestors, nearest first, the root ('') excluded."""
-    found = []
-    while "/" in path:
-        path = parent_of(path)
-        found.append(path)
-    return found
-
-
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/") or top == ""
 
 
 @dataclass
@@ -118,14 +103,14 @@ class LocalDirs(Generic[E]):
 
     def _set_unmarked(self, path: str, due: float) -> None:
         if path not in self._unmarked:
-            for ancestor in _ancestors(path):
+            for ancestor in ancestors(path):
                 self._holding[ancestor] += 1
         self._unmarked[path] = due
 
     def _drop_unmarked(self, path: str) -> None:
         if self._unmarked.pop(path, None) is None:
             return
-        for ancestor in _ancestors(path):
+        for ancestor in ancestors(path):
             self._holding[ancestor] -= 1
             if not self._holding[ancestor]:
                 del self._holding[ancestor]
@@ -151,26 +136,26 @@ class LocalDirs(Generic[E]):
 
     def child_landed(self, path: str) -> None:
         """A blob now exists at path: every ancestor shows in Azure by its prefix."""
-        for ancestor in _ancestors(path):
+        for ancestor in ancestors(path):
             self._drop_unmarked(ancestor)
 
     def removed(self, path: str) -> None:
         """rmdir, or a directory renamed away: forget it and everything under it."""
-        for known in [p for p in self._unmarked if _under(p, path)]:
+        for known in [p for p in self._unmarked if is_under(p, path)]:
             self._drop_unmarked(known)
-        for known in [p for p in self._created if _under(p, path)]:
+        for known in [p for p in self._created if is_under(p, path)]:
             del self._created[known]
 
     def moved(self, old: str, new: str, now: float) -> None:
         """A directory renamed: its unmarked directories follow it (no blob moved for
         them); what this mount made under either name is no longer known exactly."""
-        moving = [p for p in self._unmarked if _under(p, old)]
+        moving = [p for p in self._unmarked if is_under(p, old)]
         for path in moving:
             self._drop_unmarked(path)
         self.removed(new)
         for path in moving:
             self._set_unmarked(new + path[len(old):], now + self.marker_delay)
-        for known in [p for p in self._created if _under(p, old)]:
+        for known in [p for p in self._created if is_under(p, old)]:
             del self._created[known]
 
     def due(self, now: float, under: str | None = None) -> list[str]:
@@ -179,7 +164,7 @@ class LocalDirs(Generic[E]):
         overflow = len(self._unmarked) - self.max_unmarked
         oldest = sorted(self._unmarked.values())[overflow - 1] if overflow > 0 else None
         ready = [path for path, when in self._unmarked.items()
-                 if (under is not None and _under(path, under)) or when <= now
+                 if (under is not None and is_under(path, under)) or when <= now
                  or (oldest is not None and when <= oldest)]
         leaves = [path for path in ready if path not in self._holding]
         for path in leaves:

@@ -76,7 +76,7 @@ class Namespace:
         return self.prefix + path
 
     def dir_prefix(self, path: str) -> str:
-        return self.prefix + path + "/" if path else self.prefix
+        return self.lists.dir_prefix(path)
 
     def child_name(self, parent: Node, raw: bytes) -> str:
         """Validate one name from the kernel and return the child's path."""
