@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from azregfs.demo.azurite import Azurite
@@ -79,6 +84,49 @@ def process_tree(pid: int) -> list[int]:
     for child in children.stdout.split():
         found += process_tree(int(child))
     return found
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path | None, rate: int = 250) -> Iterator[None]:
+    """Sample the daemon with py-spy while the block runs (nothing if out is None): its
+    collapsed stacks land in out, and ``hot_spots`` names where the seconds went."""
+    if out is None:
+        yield
+        return
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
+                            "--rate", str(rate), "--nonblocking", "--threads",
+                            "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # py-spy attaches
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
+def hot_spots(collapsed: Path, top: int = 15) -> list[tuple[str, float, float]]:
+    """(function, self share, inclusive share) of the samples in a py-spy raw file, the
+    biggest self shares first; idle waits (epoll, a worker thread's queue) excluded."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")[1:]]
+        if not frames or any(idle in frames[-1] for idle in _IDLE):
+            continue
+        count = int(count_text)
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    return [(frame, n / total, inclusive[frame] / total) for frame, n in own.most_common(top)]
+
+
+_IDLE = ("epoll", "_worker (threading", "wait (threading", "select (selectors",
+         "get (trio/_core/_thread_cache", "_handle_request (trio/_core/_thread_cache")
 
 
 class CpuMeter:

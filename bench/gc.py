@@ -33,7 +33,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
-from common import cpu_seconds, proc_status_kib, start_mount, stop_mount
+from common import cpu_seconds, hot_spots, proc_status_kib, profiled, start_mount, stop_mount
 
 from azregfs.demo.azurite import Azurite
 from azregfs.demo.oci import Registry, registry_config
@@ -129,7 +129,12 @@ def main() -> int:
     parser.add_argument("--steps", default="gc-dry-run,catalog,tags,find,du,gc",
                         help="comma-separated, in order (gc deletes the orphans)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="sample the daemon with py-spy in each run: collapsed stacks "
+                             "in DIR, and the hot spots printed")
     args = parser.parse_args()
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
     if shutil.which("docker-registry") is None:
         sys.exit("docker-registry is not installed (scripts/install installs it)")
     registry_data = synthetic.build(args.repos, args.tags)
@@ -172,8 +177,13 @@ def main() -> int:
                 action = step_action(step, config, mount, registry, registry_data)
                 rows = {}
                 for phase in ("cold", "warm"):
-                    rows[phase] = measure(mount, process.pid, action)
+                    out = Path(args.profile) / f"{step}-{phase}.txt" if args.profile else None
+                    with profiled(process.pid, out):
+                        rows[phase] = measure(mount, process.pid, action)
                     print_row(step, phase, rows[phase], objects)
+                    if out is not None:
+                        for frame, own, inclusive in hot_spots(out):
+                            print(f"{'':<23}{own:6.1%} self {inclusive:6.1%} incl  {frame}")
                 results["steps"][step] = rows
             finally:
                 if registry is not None:

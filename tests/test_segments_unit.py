@@ -17,6 +17,7 @@ from azregfs.config import Config
 from azregfs.fs.namespace import Namespace
 from azregfs.fs.nodes import Entry, FSError, Node
 from azregfs.read.blockcache import BlockCache
+from azregfs.storage.blobs import ListPage
 from azregfs.storage.driver import BlobInfo, StorageError
 from azregfs.write.segments import (
     MAX_BLOCKS,
@@ -201,6 +202,10 @@ class SlowListing:
     async def list_subtree_small(self, prefix: str, limit: int):
         return None  # too big to list flat: the level listing below is what is tested
 
+    async def list_page(self, prefix: str, marker: str | None) -> ListPage:
+        # A walk's first flat page, with more to come: the directory is listed by level.
+        return ListPage([BlobInfo(prefix + "zz/deep", 1, "e", 0.0)], [], "more")
+
     async def list_level(self, prefix: str):
         self.lists += 1
         answer = [BlobInfo(prefix + name, 1, "e", 0.0) for name in self.names]
@@ -296,7 +301,7 @@ def test_a_flat_listing_fills_every_directory_below():
     blobs = [BlobInfo(name, 1, "e", 0.0) for name in (
         "r/a/f1", "r/a/sub/f2", "r/b", "r/empty", "r/x", "r/x/hidden-by-dir", "r/bad//name")]
     blobs[3].metadata = {"hdi_isfolder": "true"}
-    listings = ns.lists._tree("r", blobs)
+    listings = ns.lists.tree("r", blobs)
     assert sorted(listings) == ["r", "r/a", "r/a/sub", "r/empty", "r/x"]
     assert {name: entry.is_dir for name, entry in listings["r"].items()} == {
         "a": True, "b": False, "empty": True, "x": True}

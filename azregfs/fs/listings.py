@@ -13,7 +13,8 @@ Invariants:
   whatever listing was in flight when it committed.
 - One flat LIST of a small subtree (at most ``limit`` blobs) fills the listing of every
   directory below it. A flat fetch that raced one of our changes (``generation`` moved)
-  answers only the directory asked about, from a fresh level listing.
+  answers only the directory asked about, from a fresh level listing. A walk's flat pages
+  (scans.py) keep out only the directories our changes touched meanwhile (``Watch``).
 - Bounded: listings in estimated bytes (``listing_cache_size``); a listing bigger than
   the whole cache is not kept (each reader lists it again: pages, not memory).
 - Names the tree cannot show (empty segments, trailing '/', '.' or '..') are skipped with
@@ -32,14 +33,14 @@ import cachetools
 
 from ..config import Config
 from ..storage.driver import BlobInfo, Driver, StorageError
-from .nodes import Entry, FSError, join
+from .nodes import Entry, FSError, is_under, join
 
 log = logging.getLogger(__name__)
 
 SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent's listing
 # Blobs a flat LIST may bring to fill a whole subtree: a lookup miss tries one page's worth,
 # a readdir (a walk: find, du, a registry's catalog) two pages'.
-FLAT_LOOKUP, FLAT_WALK = 1000, 10000
+FLAT_LOOKUP = 1000  # blobs a lookup miss may list flat to fill its parent's whole subtree
 
 
 @dataclass
@@ -48,6 +49,19 @@ class _Fetch:
 
     changes: dict[str, Entry | None] = field(default_factory=dict)  # name -> entry, or gone
     invalidated: bool = False
+
+
+@dataclass
+class Watch:
+    """Our changes noted while a walk's flat page was fetched: the directories they touched
+    (a name added or removed), and the subtrees changed whole (a directory removed or
+    renamed)."""
+
+    dirs: set[str] = field(default_factory=set)
+    subtrees: set[str] = field(default_factory=set)
+
+    def touches(self, directory: str) -> bool:
+        return directory in self.dirs or any(is_under(directory, top) for top in self.subtrees)
 
 
 def _listing_bytes(entries: dict[str, Entry]) -> int:
@@ -71,6 +85,7 @@ class Listings:
         self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
         self.generation = 0  # bumped by each change we note: a flat fetch checks it
         self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
+        self.watchers: list[Watch] = []  # a walk's flat pages being fetched (scans.py)
         self.warned: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=10000)
 
     def dir_prefix(self, path: str) -> str:
@@ -168,7 +183,7 @@ class Listings:
         if blobs is None:
             self.big_subtrees[path] = limit  # more than that: not tried again soon
             return None
-        listings = self._tree(path, blobs)
+        listings = self.tree(path, blobs)
         if generation != self.generation:
             # We changed something while the LIST ran: it may predate that change. Only
             # the directory asked about is answered, from a fresh level listing.
@@ -184,7 +199,13 @@ class Listings:
         if _listing_bytes(entries) <= self.cache.maxsize:
             self.cache[path] = entries
 
-    def _tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
+    def keep_walked(self, path: str, entries: dict[str, Entry]) -> None:
+        """A directory's whole listing from a walk's flat page (scans.py)."""
+        self.keep(path, entries)
+        if len(entries) <= SMALL_LISTING:
+            self.small_dirs[path] = True
+
+    def tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
         """The listing of path and of every directory below it, from a flat listing."""
         prefix = self.dir_prefix(path)
         listings: dict[str, dict[str, Entry]] = {path: {}}
@@ -243,6 +264,8 @@ class Listings:
         """Our own change to these directories: drop their cached listings (and those being
         fetched: they fetch again)."""
         self.generation += 1
+        for watch in self.watchers:
+            watch.subtrees.update(dir_paths)
         for path in dir_paths:
             self.cache.pop(path, None)
             for record in self.fetching.get(path, ()):
@@ -253,6 +276,8 @@ class Listings:
         lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
         self.generation += 1
         parent, _, name = path.rpartition("/")
+        for watch in self.watchers:
+            watch.dirs.add(parent)
         for record in self.fetching.get(parent, ()):
             record.changes[name] = entry
         listing = self.cache.get(parent)

@@ -33,10 +33,11 @@ from ..storage.driver import MAX_NAME, BlobInfo, Driver, StorageError
 from ..storage.flight import Flight
 from ..storage.recent import RecentFailures
 from .filetypes import file_type, rdev
-from .listings import FLAT_LOOKUP, FLAT_WALK, Listings
+from .listings import FLAT_LOOKUP, Listings
 from .localdirs import LocalDirs
 from .markers import Markers
 from .nodes import Entry, FSError, Node, join, mtime_of, parent_of
+from .scans import Scans
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Namespace:
         self.by_path: dict[str, Node] = {"": root}
         self.next_inode = ROOT_INODE + 1
         self.lists = Listings(cfg, driver)
+        self.scans = Scans(self.lists, cfg.dir_timeout)  # walks list subtrees flat
         # path -> the lookup asking Azure about it
         self._asking: dict[str, Flight[Entry | None]] = {}
         self.failed: RecentFailures[str] = RecentFailures()  # paths whose lookup just failed
@@ -274,6 +276,9 @@ class Namespace:
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
+        listing = await self.scans.listing(parent, walking=False)
+        if listing is not None:  # a walk's flat page held the parent (scans.py)
+            return listing.get(name)
         if self.lists.may_list_flat(parent, FLAT_LOOKUP):
             # One flat LIST of a small subtree answers this name and every lookup below
             # the parent for dir_timeout (a registry pull walks one repository this way).
@@ -318,8 +323,8 @@ class Namespace:
         entries = self.local.listing(directory.path, time.monotonic())
         if entries is None:
             entries = self.lists.get(directory.path)
-        if entries is None and self.lists.may_list_flat(directory.path, FLAT_WALK):
-            entries = await self.lists.subtree_if_small(directory.path, FLAT_WALK)
+        if entries is None:
+            entries = await self.scans.listing(directory.path)
         if entries is None:
             entries = await self.lists.level(directory.path)
         pending = self.pending.get(directory.path)

@@ -155,7 +155,12 @@ class RequestMeter(SansIOHTTPPolicy):
             elif status is not None and status < 400:
                 self.concurrency.succeeded()
         if log.isEnabledFor(logging.DEBUG):
-            path = urlsplit(request.http_request.url).path
+            url = urlsplit(request.http_request.url)
+            path = url.path
+            if op == "list":  # which listing: its prefix, delimiter and page
+                query = parse_qs(url.query)
+                path += "?" + " ".join(f"{key}={query[key][0]!r}" for key in
+                                       ("prefix", "delimiter", "marker") if key in query)
             log.debug("azure %s %s -> %s%s %.1f ms%s [fuse %s]", op, path, status or "error",
                       f" {code}" if code else "", seconds * 1000,
                       f" request-id {request_id}" if request_id and status and status >= 400

@@ -1,0 +1,212 @@
+"""Scans: one flat listing of a subtree, fetched page by page as a walk reaches it.
+
+A walk (find, du, rsync, a registry's garbage-collect or catalog) reads every directory of
+a subtree, in name order. Listed one by one, the directories cost a request each, and a
+registry has about as many directories as files. A scan lists the subtree flat instead (no
+delimiter, 5,000 blobs a page), fetches the next page only when the walk reaches names past
+the pages it has, and caches the listing of every directory a page holds whole. A walk
+costs about objects / 5,000 requests, plus one level listing for each directory that
+straddles a page boundary (the ancestors of the boundary names: a handful a page).
+
+Invariants:
+- Azure lists names in order, so the names under one directory are consecutive, and page i
+  holds every blob after page i-1's last name up to its own last name. A directory is whole
+  in a page when neither boundary name lies under it (``whole_directories``): prefix tests,
+  true in any lexicographic order. Comparing names (UTF-8 bytes, Azure's order) decides only
+  which page to fetch, and whether a directory known only by its marker blob is empty.
+- A scan never answers a directory that straddles a boundary: the caller lists it by level.
+- Each listing is cached for dir_timeout from when its page was asked for, like any other
+  (listings.py). A directory whose listing expired is refreshed with what the walk will read
+  next (``_refresh``): its whole page again, from the page's continuation marker, when the
+  walk is fast enough to use it; else the biggest subtree around it that the page held
+  whole, flat. Never each directory by itself. The pages after a refetched page are
+  forgotten, as their boundaries may have moved.
+- A change this mount makes under a scan while one of its pages is fetched keeps the
+  directories it touched out of the cache (the page may predate the change).
+- A scan fetches at most PAGES_AHEAD pages to reach a directory further on; past that, the
+  directory gets a scan of its own (a walk that prunes big subtrees does not page through
+  them).
+- Memory: a scan keeps its page boundaries (two names a page); listings live in the listing
+  cache, bounded in bytes. At most MAX_SCANS scans are kept, the least recently used dropped.
+
+Code between two ``await``s is atomic (trio); one page of a scan is fetched at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import dataclass, field
+
+import cachetools
+import trio
+
+from ..storage.driver import LIST_PAGE, StorageError
+from .listings import Listings, Watch
+from .nodes import Entry, FSError, ancestors, is_under, parent_of
+
+PAGES_AHEAD = 2
+SAMPLES = 100  # names a page keeps: how far into it a walk got
+MAX_SCANS = 256
+AHEAD = -1  # locate(): the names lie past the pages fetched so far
+
+
+@dataclass
+class Page:
+    marker: str | None  # the continuation that lists this page (None: the scan's first)
+    last: str | None  # its last blob name (None: no page so far held a blob)
+    next_marker: str | None  # None: the scan's last page
+    asked_at: float  # monotonic, when its request was sent
+    blobs: int = 0
+    stride: int = 1
+    sample: list[str] = field(default_factory=list)  # every stride-th blob name
+
+
+@dataclass
+class Scan:
+    root: str  # the directory path listed flat
+    prefix: str  # its blob-name prefix
+    pages: list[Page] = field(default_factory=list)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.pages) and self.pages[-1].next_marker is None
+
+    def locate(self, dir_prefix: str) -> int | None:
+        """The index of the page that holds every name under dir_prefix; AHEAD if they lie
+        past the pages fetched; None if a page boundary falls among them."""
+        previous: str | None = None
+        for index, page in enumerate(self.pages):
+            if _under(previous, dir_prefix):
+                return None
+            if _under(page.last, dir_prefix):
+                return index if page.next_marker is None else None
+            if page.last is not None and sorts_after(page.last, dir_prefix):
+                return index
+            previous = page.last
+        return len(self.pages) - 1 if self.ended else AHEAD
+
+
+def _under(name: str | None, dir_prefix: str) -> bool:
+    return name is not None and name.startswith(dir_prefix)
+
+
+def sorts_after(name: str, dir_prefix: str) -> bool:
+    """name comes after every name under dir_prefix in Azure's order (UTF-8 bytes)."""
+    return not name.startswith(dir_prefix) and name.encode() > dir_prefix.encode()
+
+
+def whole_directories(listings: dict[str, dict[str, Entry]], dir_prefix: dict[str, str],
+                      previous_last: str | None, last: str | None, is_last: bool) -> list[str]:
+    """The directories of one page (``listings``, built from its blobs) whose every name
+    the page holds. `dir_prefix` maps each directory to its blob-name prefix; the page
+    holds the names after `previous_last` (None: from the first) up to `last`."""
+    whole = []
+    for directory, entries in listings.items():
+        prefix = dir_prefix[directory]
+        if _under(previous_last, prefix):
+            continue  # began on an earlier page
+        if not is_last:
+            if last is None or last.startswith(prefix):
+                continue  # goes on in the next page
+            if not entries and not sorts_after(last, prefix):
+                continue  # known by its marker only: its names, if any, come later
+        whole.append(directory)
+    return whole
+
+
+class Scans:
+    def __init__(self, listings: Listings, dir_timeout: float) -> None:
+        self.lists = listings
+        self.dir_timeout = dir_timeout
+        self.scans: cachetools.LRUCache[str, Scan] = cachetools.LRUCache(maxsize=MAX_SCANS)
+
+    def covering(self, path: str) -> Scan | None:
+        """The deepest scan whose subtree holds path."""
+        probe: str | None = path
+        while probe is not None:
+            scan = self.scans.get(probe)
+            if scan is not None:
+                return scan
+            probe = parent_of(probe) if probe else None
+        return None
+
+    async def listing(self, path: str, walking: bool = True) -> dict[str, Entry] | None:
+        """The directory's listing from the scan that covers it, or None: the caller lists
+        it by level. A walk (readdir) starts a scan where none covers the directory, and
+        fetches pages ahead; a lookup only uses the pages a walk fetched."""
+        scan = self.covering(path)
+        if scan is None:
+            if not walking:
+                return None
+            scan = self._start(path)
+        dir_prefix = self.lists.dir_prefix(path)
+        async with scan.lock:
+            for _ in range(PAGES_AHEAD):
+                entries = self.lists.get(path)
+                if entries is not None:
+                    return entries
+                where = scan.locate(dir_prefix)
+                if where is None or (where == AHEAD and not walking):
+                    return None  # a page boundary falls in it; or not reached yet
+                if where == AHEAD:
+                    await self._fetch(scan, len(scan.pages))
+                    continue
+                if time.monotonic() - scan.pages[where].asked_at >= self.dir_timeout:
+                    await self._refresh(scan, where, path)
+                return self.lists.get(path)  # None if we changed it while it was listed
+            entries = self.lists.get(path)
+            if entries is not None or path == scan.root:
+                return entries
+        # Far past this scan's pages (the walk skipped a subtree): a scan of its own.
+        self._start(path)
+        return await self.listing(path)
+
+    async def _refresh(self, scan: Scan, where: int, path: str) -> None:
+        """The listing of path expired: refresh what the walk will read next. A walk that
+        crossed much of the page within a dir_timeout gets the whole page again (one
+        request for all of it); a slow one (a garbage-collect reads files between its
+        readdirs) only the biggest subtree around path that the page held whole."""
+        page = scan.pages[where]
+        done = bisect.bisect_left(page.sample, self.lists.dir_prefix(path)) * page.stride
+        pace = done * self.dir_timeout / max(time.monotonic() - page.asked_at, 1e-3)
+        if pace < (page.blobs - done) / 4:
+            top = path
+            for ancestor in ancestors(path):
+                if not is_under(ancestor, scan.root) or ancestor == scan.root or \
+                        scan.locate(self.lists.dir_prefix(ancestor)) != where:
+                    break
+                top = ancestor
+            if await self.lists.subtree_if_small(top, LIST_PAGE) is not None:
+                return
+        await self._fetch(scan, where)
+
+    def _start(self, path: str) -> Scan:
+        scan = self.scans[path] = Scan(path, self.lists.dir_prefix(path))
+        return scan
+
+    async def _fetch(self, scan: Scan, index: int) -> None:
+        """(Re)fetch page `index` of a scan; cache every directory it holds whole."""
+        marker = scan.pages[index - 1].next_marker if index else None
+        changed = Watch()
+        self.lists.watchers.append(changed)
+        asked_at = time.monotonic()
+        try:
+            page = await self.lists.driver.list_page(scan.prefix, marker)
+        except StorageError as exc:
+            raise FSError(exc.errno, str(exc)) from None
+        finally:
+            self.lists.watchers.remove(changed)
+        previous_last = scan.pages[index - 1].last if index else None
+        last = page.blobs[-1].name if page.blobs else previous_last
+        del scan.pages[index:]
+        stride = max(1, len(page.blobs) // SAMPLES)
+        scan.pages.append(Page(marker, last, page.next_marker, asked_at, len(page.blobs),
+                               stride, [blob.name for blob in page.blobs[::stride]]))
+        listings = self.lists.tree(scan.root, page.blobs)
+        prefixes = {directory: self.lists.dir_prefix(directory) for directory in listings}
+        for directory in whole_directories(listings, prefixes, previous_last, last,
+                                           page.next_marker is None):
+            if not changed.touches(directory):
+                self.lists.keep_walked(directory, listings[directory])

@@ -1,0 +1,204 @@
+"""Scans (azregfs/fs/scans.py) without Azure: which directories a flat page holds whole, and
+what a walk costs -- pages, not directories -- over a driver that pages a sorted list of
+names as List Blobs does. The same walks against Azurite are in tests/test_walks.py."""
+
+from __future__ import annotations
+
+import bisect
+
+import trio
+
+from azregfs.config import Config
+from azregfs.fs.namespace import Namespace
+from azregfs.fs.nodes import Entry, join
+from azregfs.fs.scans import AHEAD, Page, Scan, whole_directories
+from azregfs.storage.blobs import BlobInfo, ListPage
+
+
+class PagedNames:
+    """Blob names listed as Azure lists them: in order, `page` blobs a page, flat or by
+    level; every request counted."""
+
+    def __init__(self, names: list[str], page: int = 3, markers: tuple[str, ...] = ()) -> None:
+        self.names = sorted(names)
+        self.markers = set(markers)
+        self.page = page
+        self.requests: list[str] = []
+        self.before_answer: list = []  # async callables run before a flat page is answered
+
+    def info(self, name: str) -> BlobInfo:
+        metadata = {"hdi_isfolder": "true"} if name in self.markers else {}
+        return BlobInfo(name, 0 if metadata else 1, "e", 0.0, metadata)
+
+    async def list_page(self, prefix: str, marker: str | None) -> ListPage:
+        self.requests.append(f"flat {prefix} {marker}")
+        for hook in self.before_answer:
+            await hook()
+        under = [name for name in self.names if name.startswith(prefix)]
+        start = bisect.bisect_right(under, marker) if marker else 0
+        chunk = under[start:start + self.page]
+        more = start + self.page < len(under)
+        return ListPage([self.info(name) for name in chunk], [], chunk[-1] if more else None)
+
+    async def list_subtree_small(self, prefix: str, limit: int) -> list[BlobInfo] | None:
+        self.requests.append(f"subtree {prefix}")
+        under = [self.info(name) for name in self.names if name.startswith(prefix)]
+        return under if len(under) <= limit else None
+
+    async def list_level(self, prefix: str):
+        self.requests.append(f"level {prefix}")
+        blobs, prefixes = [], []
+        for name in self.names:
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                if "/" in rest:
+                    sub = prefix + rest.split("/")[0] + "/"
+                    if sub not in prefixes:
+                        prefixes.append(sub)
+                else:
+                    blobs.append(self.info(name))
+        yield blobs, prefixes
+
+
+def truth(names: list[str], path: str) -> set[str]:
+    prefix = path + "/" if path else ""
+    return {name[len(prefix):].split("/")[0] for name in names if name.startswith(prefix)}
+
+
+async def walk(ns: Namespace, path: str, seen: dict[str, set[str]]) -> None:
+    """Depth first, in name order, as find and Go's filepath.Walk go."""
+    node = ns.node_for(path, True)
+    listing = await ns.listing(node)
+    seen[path] = set(listing)
+    for name, entry in sorted(listing.items()):
+        if entry.is_dir:
+            await walk(ns, join(path, name), seen)
+
+
+TREE = [f"r{r}/{kind}/{i}/link" for r in range(4) for kind in ("_layers", "_manifests")
+        for i in range(3)] + [f"blobs/{d:02x}/data" for d in range(10)]
+
+
+def test_a_page_holds_whole_the_directories_no_boundary_falls_in() -> None:
+    listings = {"": {"a": Entry(True, None)}, "a": {"x": Entry(True, None)},
+                "a/x": {"1": Entry(False, None)}, "a/y": {}, "b": {}, "m": {}}
+    prefixes = {directory: directory + "/" for directory in listings}
+    prefixes[""] = ""
+    # The page holds names after "a/w/9" up to "a/z": "a" began earlier and goes on.
+    whole = whole_directories(listings, prefixes, "a/w/9", "a/z", is_last=False)
+    assert whole == ["a/x", "a/y"]  # "a/y" (a marker, empty) sorts before "a/z": whole
+    # "b" is known by its marker only, past the page's last name: its names come later.
+    assert "b" not in whole_directories(listings, prefixes, None, "a/z", is_last=False)
+    assert set(whole_directories(listings, prefixes, None, "a/z", is_last=True)) == set(
+        listings)
+
+
+def test_locate_finds_the_page_or_says_ahead_or_straddling() -> None:
+    scan = Scan("", "", [Page(None, "a/b/3", "m1", 0.0), Page("m1", "c/1", "m2", 0.0)])
+    assert scan.locate("a/a/") == 0
+    assert scan.locate("a/b/") is None  # page 0 ends inside it
+    assert scan.locate("a/") is None
+    assert scan.locate("b/") == 1
+    assert scan.locate("c/") is None  # page 1 ends inside it; the next page may hold more
+    assert scan.locate("d/") == AHEAD
+    scan.pages[-1].next_marker = None
+    assert scan.locate("d/") == 1  # past the last name of the last page: empty
+
+
+def test_a_walk_costs_pages_and_straddling_directories_not_directories() -> None:
+    async def main() -> None:
+        driver = PagedNames(TREE, page=5)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        seen: dict[str, set[str]] = {}
+        await walk(ns, "", seen)
+        directories = {"/".join(name.split("/")[:depth]) for name in TREE
+                       for depth in range(name.count("/") + 1)}
+        assert set(seen) == directories
+        for path, names in seen.items():
+            assert names == truth(TREE, path), path
+        flat = [r for r in driver.requests if r.startswith("flat")]
+        level = [r for r in driver.requests if r.startswith("level")]
+        assert len(flat) == -(-len(TREE) // 5)  # every page once
+        assert len(level) < len(flat) * 3  # the straddlers, not the 48 directories
+        assert len(directories) == 48
+        requests = len(driver.requests)
+        await walk(ns, "", {})
+        assert len(driver.requests) == requests  # all fresh: no request
+
+    trio.run(main)
+
+
+def test_an_expired_directory_refreshes_its_whole_page_once() -> None:
+    async def main() -> None:
+        driver = PagedNames(TREE, page=100)  # one page: the scan is the whole tree
+        ns = Namespace(Config(dir_timeout=0.2), driver)  # type: ignore[arg-type]
+        await walk(ns, "", {})
+        assert driver.requests == ["flat  None"]
+        await trio.sleep(0.25)
+        seen: dict[str, set[str]] = {}
+        await walk(ns, "", seen)
+        assert driver.requests == ["flat  None", "subtree "]  # 48 directories, one request
+        assert seen[""] == truth(TREE, "")
+
+    trio.run(main)
+
+
+def test_a_slow_walk_refreshes_the_subtree_it_is_in_and_a_fast_one_the_page() -> None:
+    async def main() -> None:
+        names = [f"r{r:02}/{kind}/{i}/link" for r in range(40)
+                 for kind in ("_layers", "_manifests") for i in range(3)]
+        driver = PagedNames(names, page=1000)
+        ns = Namespace(Config(dir_timeout=0.2), driver)  # type: ignore[arg-type]
+        await ns.listing(ns.node_for("", True))
+        await trio.sleep(0.25)  # a walk that took a whole dir_timeout to get to r02
+        await ns.listing(ns.node_for("r02/_layers/1", True))
+        assert driver.requests[-1] == "subtree r02/"  # what it will read next, not all
+        assert ns.lists.get("r02/_manifests/0") is not None and ns.lists.get("r03") is None
+        await ns.listing(ns.node_for("r39/_layers", True))  # 234 of 240 blobs: fast
+        assert driver.requests[-1] == "flat  None"  # the page again
+
+    trio.run(main)
+
+
+def test_a_walk_that_jumps_far_ahead_starts_a_scan_there() -> None:
+    async def main() -> None:
+        driver = PagedNames(TREE, page=2)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        await ns.listing(ns.node_for("", True))
+        listing = await ns.listing(ns.node_for("r3/_manifests", True))
+        assert set(listing) == {"0", "1", "2"}
+        assert "flat r3/_manifests/ None" in driver.requests
+        assert len([r for r in driver.requests if r.startswith("flat  ")]) == 3  # 2 ahead
+
+    trio.run(main)
+
+
+def test_a_directory_we_change_while_its_page_is_fetched_is_not_cached_from_it() -> None:
+    async def main() -> None:
+        driver = PagedNames(TREE, page=100)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+
+        async def commit_meanwhile() -> None:
+            driver.before_answer.clear()
+            ns.note("r1/_layers/new", Entry(True, None))
+
+        driver.before_answer.append(commit_meanwhile)
+        await ns.listing(ns.node_for("", True))
+        assert ns.lists.get("r1/_layers") is None  # the page may predate our change
+        assert ns.lists.get("r1/_manifests") is not None
+        listing = await ns.listing(ns.node_for("r1/_layers", True))
+        assert set(listing) == {"0", "1", "2"} and driver.requests[-1] == "level r1/_layers/"
+
+    trio.run(main)
+
+
+def test_an_empty_directory_at_a_page_end_is_not_taken_for_empty_too_soon() -> None:
+    async def main() -> None:
+        names = ["a/1", "a/2", "b", "b/x/1", "c/1"]  # "b" is a marker with a child after it
+        driver = PagedNames(names, page=3, markers=("b",))
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        seen: dict[str, set[str]] = {}
+        await walk(ns, "", seen)
+        assert seen["b"] == {"x"} and seen["b/x"] == {"1"}
+
+    trio.run(main)
