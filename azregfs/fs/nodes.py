@@ -35,6 +35,7 @@ class Node:
     blob_type: str = "BlockBlob"
     metadata: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    content_md5: bytes | None = None
     marker: bool = False  # a directory whose marker blob exists
     lookups: int = 0
     opens: int = 0
@@ -55,6 +56,7 @@ class Node:
         self.blob_type = info.blob_type
         self.metadata = dict(info.metadata)
         self.content_type = info.content_type
+        self.content_md5 = info.content_md5
         self.mtime = mtime_of(info)
         self.checked_at = time.monotonic()
 

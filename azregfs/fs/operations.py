@@ -22,6 +22,7 @@ import trio
 
 from ..config import Config
 from ..read.blockcache import BlockCache, ReadStream
+from ..read.known import known_content
 from ..storage.driver import BlobInfo, StorageError
 from ..write.writebuffer import WriteBuffer, WriteSession
 from . import control
@@ -239,7 +240,8 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
         # A node that lost its name (an open racing a rename over it) reads what its blob
         # was: the version it knew, or the one that replaced it (see _pin).
         name = self.ns.blob_name(node.former if node.gone else node.path)
-        handle = Handle(node, name, node.etag, node.size, session, ReadStream())
+        handle = Handle(node, name, node.etag, node.size, session, ReadStream(),
+                        node.content_md5)
         handle.follow = session is None and (node.gone or name in self.replacing)
         self.handles[fh] = handle
         node.opens += 1
@@ -302,7 +304,8 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
             if not 0 < handle.size <= self.cache.whole_max:
                 return
             try:
-                if await self.cache.pin(handle.name, handle.etag, handle.size):
+                known = known_content(handle.name, handle.size, handle.content_md5)
+                if await self.cache.pin(handle.name, handle.etag, handle.size, known):
                     handle.pinned = (handle.name, handle.etag)
                 return
             except StorageError as exc:

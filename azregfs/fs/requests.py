@@ -79,6 +79,7 @@ class Handle:
     size: int
     session: WriteSession | None
     stream: ReadStream
+    content_md5: bytes | None = None  # of the version at open (read/known.py)
     # A small file is fetched whole at its first read and held (pinned) for the handle, so
     # the handle serves one version even when the blob is replaced; set once tried.
     pinning: trio.Event | None = None

@@ -90,6 +90,7 @@ class CacheStats:
     disk_writes: int = 0
     disk_evictions: int = 0
     disk_errors: int = 0
+    known: int = 0  # small versions whose content was proven without a GET (known.py)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -455,8 +456,9 @@ class BlockCache:
 
     # -- pins: whole versions held for open handles ----------------------------------------
 
-    async def pin(self, name: str, etag: str, size: int) -> bool:
+    async def pin(self, name: str, etag: str, size: int, known: bytes | None = None) -> bool:
         """Hold version `etag` of `name` (size bytes) whole until unpin: True if it is held.
+        `known`: its content, proven without a GET (known.py), if it fits in one block.
 
         Raises StorageError (ESTALE when that version is gone) like a read."""
         key = (name, etag)
@@ -466,6 +468,9 @@ class BlockCache:
                 return False
             self.failed.check(key)
             try:
+                if known is not None and len(known) == size <= self.block_size:
+                    self.stats.known += 1
+                    self.blocks[(name, etag, 0)] = known
                 blocks = await self._whole(name, etag, size)
             except StorageError as exc:
                 self.failed.note(key, exc)

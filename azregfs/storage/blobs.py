@@ -9,6 +9,7 @@ ElementTree (expat, in C) reads the same page in about 0.1 s.
 Invariants:
 - A listing asks for metadata (``include=metadata``): markers are told by it.
 - A name sent with ``Encoded="true"`` (characters XML cannot carry) is percent-decoded.
+- Content-MD5 is kept when it is a well-formed 16-byte digest (read/known.py uses it).
 - ETags are kept as the service sends them (a listing's have no quotes; Azure compares
   either form), metadata keys as sent, and Last-Modified as seconds since the epoch.
 - Anything the parser does not know is ignored; a blob without a name is skipped.
@@ -16,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ class BlobInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     blob_type: str = "BlockBlob"  # BlockBlob | AppendBlob | PageBlob
     content_type: str | None = None
+    content_md5: bytes | None = None  # Azure's MD5 of the content, when it keeps one
 
     @property
     def is_marker(self) -> bool:
@@ -81,6 +84,16 @@ def _mtime(text: str | None) -> float:
         return 0.0
 
 
+def _md5(text: str | None) -> bytes | None:
+    if not text:
+        return None
+    try:
+        digest = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    return digest if len(digest) == 16 else None
+
+
 def parse_list(body: bytes) -> ListPage:
     """One List Blobs answer (XML) as blobs, level prefixes and the next page's marker."""
     root = ET.fromstring(body)
@@ -108,6 +121,7 @@ def parse_list(body: bytes) -> ListPage:
             if metadata is not None else {},
             blob_type=get("BlobType") or "BlockBlob",
             content_type=get("Content-Type") or None,
+            content_md5=_md5(get("Content-MD5")),
         ))
     marker = root.findtext("NextMarker")
     return ListPage(blobs, prefixes, marker or None)
