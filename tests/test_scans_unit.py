@@ -11,7 +11,7 @@ import trio
 from azregfs.config import Config
 from azregfs.fs.namespace import Namespace
 from azregfs.fs.nodes import Entry, join
-from azregfs.fs.scans import AHEAD, Page, Scan, whole_directories
+from azregfs.fs.scans import AHEAD, GOES_ON, Page, Scan, whole_directories
 from azregfs.storage.blobs import BlobInfo, ListPage
 
 
@@ -99,7 +99,7 @@ def test_locate_finds_the_page_or_says_ahead_or_straddling() -> None:
     assert scan.locate("a/b/") is None  # page 0 ends inside it
     assert scan.locate("a/") is None
     assert scan.locate("b/") == 1
-    assert scan.locate("c/") is None  # page 1 ends inside it; the next page may hold more
+    assert scan.locate("c/") == GOES_ON  # page 1 ends inside it; the next page may hold more
     assert scan.locate("d/") == AHEAD
     scan.pages[-1].next_marker = None
     assert scan.locate("d/") == 1  # past the last name of the last page: empty
@@ -168,7 +168,9 @@ def test_a_walk_that_jumps_far_ahead_starts_a_scan_there() -> None:
         listing = await ns.listing(ns.node_for("r3/_manifests", True))
         assert set(listing) == {"0", "1", "2"}
         assert "flat r3/_manifests/ None" in driver.requests
-        assert len([r for r in driver.requests if r.startswith("flat  ")]) == 3  # 2 ahead
+        # The root's first page, the next one (the root goes on past it: listed by level
+        # then), and two more to reach r3 before a scan of its own starts there.
+        assert len([r for r in driver.requests if r.startswith("flat  ")]) == 4
 
     trio.run(main)
 
@@ -200,5 +202,34 @@ def test_an_empty_directory_at_a_page_end_is_not_taken_for_empty_too_soon() -> N
         seen: dict[str, set[str]] = {}
         await walk(ns, "", seen)
         assert seen["b"] == {"x"} and seen["b/x"] == {"1"}
+
+    trio.run(main)
+
+
+def test_a_directory_a_page_ends_in_is_completed_by_the_next_page() -> None:
+    async def main() -> None:
+        driver = PagedNames(["a/1", "a/2", "a/3", "b/1", "b/2"], page=2)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        seen: dict[str, set[str]] = {}
+        await walk(ns, "", seen)
+        assert seen == {"": {"a", "b"}, "a": {"1", "2", "3"}, "b": {"1", "2"}}
+        # Only the scan's root, which every page boundary falls in, is listed by level.
+        assert driver.requests == ["flat  None", "flat  a/2", "level ", "flat  b/1"]
+
+    trio.run(main)
+
+
+def test_what_a_page_carried_is_dropped_when_this_mount_changes_anything_meanwhile() -> None:
+    async def main() -> None:
+        driver = PagedNames(["a/1", "a/2", "a/3", "a/4", "b/1"], page=2)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        await ns.listing(ns.node_for("", True))
+        assert "a" in ns.scans.covering("a").carry  # a/1 to a/4 so far, more may follow
+        driver.names.remove("a/1")
+        ns.note("a/1", None)  # deleted here after its page was listed
+        listing = await ns.listing(ns.node_for("a", True))
+        assert set(listing) == {"2", "3", "4"}
+        assert driver.requests == ["flat  None", "flat  a/2", "level ", "flat  a/4",
+                                   "level a/"]  # not the stale carry
 
     trio.run(main)

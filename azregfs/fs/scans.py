@@ -14,7 +14,10 @@ Invariants:
   in a page when neither boundary name lies under it (``whole_directories``): prefix tests,
   true in any lexicographic order. Comparing names (UTF-8 bytes, Azure's order) decides only
   which page to fetch, and whether a directory known only by its marker blob is empty.
-- A scan never answers a directory that straddles a boundary: the caller lists it by level.
+- A directory that begins in the last page fetched and goes on past it is carried (its
+  entries so far); the page after completes it, and a walk at it fetches that page rather
+  than list it by level. A scan never answers another directory that a boundary falls in,
+  nor one that a refetched page cut: the caller lists those by level.
 - Each listing is cached for dir_timeout from when its page was asked for, like any other
   (listings.py). A directory whose listing expired is refreshed with what the walk will read
   next (``_refresh``): its whole page again, from the page's continuation marker, when the
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import cachetools
@@ -48,7 +52,9 @@ from .nodes import Entry, FSError, ancestors, is_under, parent_of
 PAGES_AHEAD = 2
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
+MAX_CARRIED = 5000  # entries a directory going on into the next page may carry
 AHEAD = -1  # locate(): the names lie past the pages fetched so far
+GOES_ON = -2  # locate(): the names go on past the last page fetched
 
 
 @dataclass
@@ -68,6 +74,10 @@ class Scan:
     prefix: str  # its blob-name prefix
     pages: list[Page] = field(default_factory=list)
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Directories the last page's end falls in, with every entry up to it: the next page
+    # completes them (a walk at such a directory fetches that page, not a level listing).
+    carry: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    carried_at: int = -1  # Listings.generation when carried
 
     @property
     def ended(self) -> bool:
@@ -75,13 +85,16 @@ class Scan:
 
     def locate(self, dir_prefix: str) -> int | None:
         """The index of the page that holds every name under dir_prefix; AHEAD if they lie
-        past the pages fetched; None if a page boundary falls among them."""
+        past the pages fetched; GOES_ON if they begin in the last page fetched and go on
+        past it; None if a page boundary before that falls among them."""
         previous: str | None = None
         for index, page in enumerate(self.pages):
             if _under(previous, dir_prefix):
                 return None
             if _under(page.last, dir_prefix):
-                return index if page.next_marker is None else None
+                if page.next_marker is None:
+                    return index
+                return GOES_ON if index == len(self.pages) - 1 else None
             if page.last is not None and sorts_after(page.last, dir_prefix):
                 return index
             previous = page.last
@@ -98,14 +111,16 @@ def sorts_after(name: str, dir_prefix: str) -> bool:
 
 
 def whole_directories(listings: dict[str, dict[str, Entry]], dir_prefix: dict[str, str],
-                      previous_last: str | None, last: str | None, is_last: bool) -> list[str]:
+                      previous_last: str | None, last: str | None, is_last: bool,
+                      carried: Collection[str] = ()) -> list[str]:
     """The directories of one page (``listings``, built from its blobs) whose every name
-    the page holds. `dir_prefix` maps each directory to its blob-name prefix; the page
-    holds the names after `previous_last` (None: from the first) up to `last`."""
+    the page holds, or that it completes (`carried`: their entries from earlier pages are
+    merged in). `dir_prefix` maps each directory to its blob-name prefix; the page holds
+    the names after `previous_last` (None: from the first) up to `last`."""
     whole = []
     for directory, entries in listings.items():
         prefix = dir_prefix[directory]
-        if _under(previous_last, prefix):
+        if _under(previous_last, prefix) and directory not in carried:
             continue  # began on an earlier page
         if not is_last:
             if last is None or last.startswith(prefix):
@@ -147,8 +162,13 @@ class Scans:
                 entries = self.lists.get(path)
                 if entries is not None:
                     return entries
+                if walking and path in scan.carry:
+                    await self._fetch(scan, len(scan.pages))  # completes it, most often
+                    if path in scan.carry:
+                        return None  # a big directory: listed by level
+                    continue
                 where = scan.locate(dir_prefix)
-                if where is None or (where == AHEAD and not walking):
+                if where is None or where == GOES_ON or (where == AHEAD and not walking):
                     return None  # a page boundary falls in it; or not reached yet
                 if where == AHEAD:
                     await self._fetch(scan, len(scan.pages))
@@ -189,6 +209,10 @@ class Scans:
     async def _fetch(self, scan: Scan, index: int) -> None:
         """(Re)fetch page `index` of a scan; cache every directory it holds whole."""
         marker = scan.pages[index - 1].next_marker if index else None
+        # Carried entries hold while this mount changed nothing since they were listed.
+        carried = scan.carry if index == len(scan.pages) and \
+            scan.carried_at == self.lists.generation else {}
+        scan.carry = {}
         changed = Watch()
         self.lists.watchers.append(changed)
         asked_at = time.monotonic()
@@ -205,8 +229,19 @@ class Scans:
         scan.pages.append(Page(marker, last, page.next_marker, asked_at, len(page.blobs),
                                stride, [blob.name for blob in page.blobs[::stride]]))
         listings = self.lists.tree(scan.root, page.blobs)
+        for directory, entries in carried.items():
+            listings[directory] = {**entries, **listings.get(directory, {})}
         prefixes = {directory: self.lists.dir_prefix(directory) for directory in listings}
-        for directory in whole_directories(listings, prefixes, previous_last, last,
-                                           page.next_marker is None):
+        whole = whole_directories(listings, prefixes, previous_last, last,
+                                  page.next_marker is None, carried)
+        for directory in whole:
             if not changed.touches(directory):
                 self.lists.keep_walked(directory, listings[directory])
+        if page.next_marker is not None and last is not None:
+            for directory in listings.keys() - set(whole):
+                began_here = not _under(previous_last, prefixes[directory])
+                if (began_here or directory in carried) and last.startswith(
+                        prefixes[directory]) and len(listings[directory]) <= MAX_CARRIED \
+                        and not changed.touches(directory):
+                    scan.carry[directory] = listings[directory]
+        scan.carried_at = self.lists.generation
