@@ -61,12 +61,14 @@ class Watch:
     subtrees: set[str] = field(default_factory=set)
 
     def touches(self, directory: str) -> bool:
-        return directory in self.dirs or any(is_under(directory, top) for top in self.subtrees)
+        if directory in self.dirs:
+            return True
+        return bool(self.subtrees) and any(is_under(directory, top) for top in self.subtrees)
 
 
 def _listing_bytes(entries: dict[str, Entry]) -> int:
     """A listing's memory, estimated: names, entries and their blob properties."""
-    return 256 + sum(600 + 2 * len(name) for name in entries)
+    return 256 + 600 * len(entries) + 2 * sum(map(len, entries))
 
 
 class Listings:
@@ -207,25 +209,20 @@ class Listings:
 
     def tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
         """The listing of path and of every directory below it, from a flat listing."""
-        prefix = self.dir_prefix(path)
+        start = len(self.dir_prefix(path))
         listings: dict[str, dict[str, Entry]] = {path: {}}
+        directories = {"": path}  # a directory's name relative to path -> its path
         for info in blobs:
-            parts = info.name[len(prefix):].split("/")
-            if any(not part or part in (".", "..") for part in parts):
+            relative = info.name[start:]
+            framed = f"/{relative}/"
+            if "//" in framed or "/./" in framed or "/../" in framed:
                 self._skip(info.name, "ends with '/' or has an empty or dot path segment")
                 continue
-            directory = path
-            for part in parts[:-1]:
-                entries = listings[directory]
-                known = entries.get(part)
-                if known is None or not known.is_dir:
-                    if known is not None:
-                        self._skip(self.prefix + join(directory, part),
-                                   "a directory of the same name hides it")
-                    entries[part] = Entry(True, None)
-                directory = join(directory, part)
-                listings.setdefault(directory, {})
-            leaf, entries = parts[-1], listings[directory]
+            parent, _, leaf = relative.rpartition("/")
+            directory = directories.get(parent)
+            if directory is None:
+                directory = self._directory(parent, directories, listings)
+            entries = listings[directory]
             if info.is_marker:
                 entries[leaf] = Entry(True, info)
                 listings.setdefault(join(directory, leaf), {})
@@ -234,6 +231,25 @@ class Listings:
             else:
                 entries[leaf] = Entry(False, info)
         return listings
+
+    def _directory(self, relative: str, directories: dict[str, str],
+                   listings: dict[str, dict[str, Entry]]) -> str:
+        """The path of a directory named relative to tree()'s root, entered in its parent's
+        listing (and its parents', the first time each is met)."""
+        parent_relative, _, name = relative.rpartition("/")
+        parent = directories.get(parent_relative)
+        if parent is None:
+            parent = self._directory(parent_relative, directories, listings)
+        entries = listings[parent]
+        known = entries.get(name)
+        if known is None or not known.is_dir:
+            if known is not None:
+                self._skip(self.prefix + join(parent, name), "a directory of the same name "
+                           "hides it")
+            entries[name] = Entry(True, None)
+        directory = directories[relative] = join(parent, name)
+        listings.setdefault(directory, {})
+        return directory
 
     def _add_page(self, path: str, entries: dict[str, Entry], blobs: list[BlobInfo],
                   prefixes: list[str]) -> None:
