@@ -3,7 +3,8 @@ to docker-registry on a local directory, and the SDK's own upload/download of th
 layer as Azurite's ceiling, all in one run against one Azurite.
 
     .venv/bin/python bench/registry.py [--layers 1,32,256] [--latency MS] [--repeat 1] [-o OPTS]
-                                       [--json out.json] [--workdir DIR]
+                                       [--clients 8] [--profile DIR] [--json out.json]
+                                       [--workdir DIR]
 
 To measure another checkout of the daemon, run from that checkout with
 ``PYTHONPATH=<checkout>``: the mount is ``python -m azregfs`` in the current directory.
@@ -17,15 +18,22 @@ flushed. The pull is cold: the mount is remounted between the two (the remount's
 requests are in neither column). "sdk ... via proxy" is the same SDK call through the proxy,
 so the proxy's own cost (it shares the machine's cores with Azurite) shows next to it.
 
+After the cold pull, the same mount pulls again ("mount pull warm": its page cache, block
+cache and listings), then a fresh mount serves `--clients` pulls of the image at once
+("mount pull x8": do they share their GETs?). `--profile DIR` samples the daemon with
+py-spy during each mount step and prints where its seconds went.
+
 The CPU table gives the seconds each process spent during each push and pull: Azurite,
 the registry, the daemon, skopeo, and this process (the proxy runs in it). Their sum over
 the machine's cores is the step's floor: when every process shares a few cores, no design
-of the mount can make the step take less wall time than that.
+of the mount can make the step take less wall time than that. "daemon / skopeo CPU" is the
+daemon's CPU per byte moved against the client's, for the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from azure.storage.blob import BlobServiceClient
-from common import CpuMeter, process_tree
+from common import CpuMeter, hot_spots, process_tree, profiled
 
 from azregfs.demo.azurite import Azurite
 from azregfs.demo.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
@@ -85,11 +93,20 @@ def delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
 
 def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
               results: dict[str, Any], processes: Callable[[], dict[str, list[int]]],
-              remount: Callable[[], Registry] | None = None) -> None:
+              remount: Callable[[], Registry] | None = None,
+              profile: Path | None = None) -> None:
     """Push then pull; wall times, and the CPU each process spent (``processes()`` names
-    the ones running at the time: the registry, the daemon, Azurite)."""
+    the ones running at the time: the registry, the daemon, Azurite). With `profile`, the
+    daemon (``processes()["daemon"]``) is sampled with py-spy during each."""
+    def spied(step: str) -> contextlib.AbstractContextManager[None]:
+        if profile is None:
+            return contextlib.nullcontext()
+        out = profile / f"{label}-{step}.txt"
+        results.setdefault("profile_files", {})[f"{label} {step}"] = str(out)
+        return profiled(processes()["daemon"][0], out)
+
     reference = f"docker://{registry.address}/bench/{label}:{image.tag}"
-    with CpuMeter(processes()) as cpu:
+    with spied("push"), CpuMeter(processes()) as cpu:
         results[f"{label} push"] = timed(
             lambda: skopeo_copy(f"oci:{image.layout}:{image.tag}", reference))
     results["cpu"][f"{label} push"] = cpu.used
@@ -98,11 +115,34 @@ def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
         reference = f"docker://{registry.address}/bench/{label}:{image.tag}"
     pulled = workdir / f"pulled-{label}"
     shutil.rmtree(pulled, ignore_errors=True)
-    with CpuMeter(processes()) as cpu:
+    with spied("pull"), CpuMeter(processes()) as cpu:
         results[f"{label} pull"] = timed(
             lambda: skopeo_copy(reference, f"oci:{pulled}:{image.tag}"))
     results["cpu"][f"{label} pull"] = cpu.used
     assert read_image(pulled, image.tag).digests == image.digests
+
+
+def pull_once(registry: Registry, image: Image, label: str, into: Path) -> None:
+    shutil.rmtree(into, ignore_errors=True)
+    skopeo_copy(f"docker://{registry.address}/bench/{label}:{image.tag}", f"oci:{into}:{image.tag}")
+    assert read_image(into, image.tag).digests == image.digests
+
+
+def pull_concurrently(registry: Registry, image: Image, label: str, workdir: Path,
+                      clients: int) -> None:
+    """`clients` skopeo pulls of the same image at once, each into its own layout."""
+    reference = f"docker://{registry.address}/bench/{label}:{image.tag}"
+    targets = [workdir / f"pulled-{label}-client{n}" for n in range(clients)]
+    for target in targets:
+        shutil.rmtree(target, ignore_errors=True)
+    processes = [subprocess.Popen(["skopeo", "--insecure-policy", "copy", "--preserve-digests",
+                                   "--quiet", "--src-tls-verify=false", reference,
+                                   f"oci:{target}:{image.tag}"]) for target in targets]
+    for process in processes:
+        if process.wait() != 0:
+            raise RuntimeError(f"skopeo exited {process.returncode}")
+    for target in targets:
+        assert read_image(target, image.tag).digests == image.digests
 
 
 def sdk_round_trip(connection_string: str, path: Path, label: str,
@@ -118,20 +158,20 @@ def sdk_round_trip(connection_string: str, path: Path, label: str,
 
 
 def run(layers_mib: list[float], latency_ms: float, workdir: Path,
-        options: str = "") -> dict[str, Any]:
+        options: str = "", clients: int = 8, profile: Path | None = None) -> dict[str, Any]:
     proxy_log = logging.FileHandler(workdir / "proxy.log")
     proxy_log.setFormatter(logging.Formatter("%(asctime)s %(threadName)s %(message)s"))
     logging.getLogger("testkit.faultproxy").addHandler(proxy_log)
     logging.getLogger("testkit.faultproxy").setLevel(logging.DEBUG)
     try:
-        return measure(layers_mib, latency_ms, workdir, options)
+        return measure(layers_mib, latency_ms, workdir, options, clients, profile)
     finally:
         logging.getLogger("testkit.faultproxy").removeHandler(proxy_log)
         proxy_log.close()
 
 
 def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
-            options: str = "") -> dict[str, Any]:
+            options: str = "", clients: int = 8, profile: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"cpu": {}}
     image = build_image(workdir / "image", [int(size * MiB) for size in layers_mib],
                         tag="v1", seed=7, compress_below=4 * MiB)
@@ -164,20 +204,41 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
         def remount() -> Registry:
             state["registry"].stop()
             state["mount"].unmount()
-            marks["push end"] = proxy.snapshot()
+            marks.setdefault("push end", proxy.snapshot())
             state["mount"] = Mount(proxied, "bench-mount", mnt, options)
             state["registry"] = Registry(mnt, workdir / "registry-mount").start()
-            marks["pull start"] = proxy.snapshot()
+            marks.setdefault("pull start", proxy.snapshot())
             return state["registry"]
 
         def processes() -> dict[str, list[int]]:
             return {"azurite": azurite_pids, "registry": [state["registry"].process.pid],
                     "daemon": [state["mount"].process.pid]}
 
+        def step(name: str, action: Callable[[], object]) -> None:
+            """One timed step on the mount: wall, CPU per process, requests (and a py-spy
+            profile of the daemon with --profile)."""
+            before = proxy.snapshot()
+            out = profile / f"{name.replace(' ', '-')}.txt" if profile else None
+            with profiled(state["mount"].process.pid, out), CpuMeter(processes()) as cpu:
+                results[name] = timed(action)
+            results["cpu"][name] = cpu.used
+            results["requests"][name.removeprefix("mount ")] = delta(
+                proxy.snapshot(), before)["requests"]
+            if out is not None:
+                results.setdefault("profile_files", {})[name] = str(out)
+
+        results["requests"] = {}
         try:
             push_pull(image, state["registry"], workdir, "mount", results, processes,
-                      remount=remount)
+                      remount=remount, profile=profile)
             marks["pull end"] = proxy.snapshot()
+            # Warm: the same mount and registry again (page cache, block cache, listings).
+            step("mount pull warm", lambda: pull_once(state["registry"], image, "mount",
+                                                      workdir / "pulled-warm"))
+            if clients > 1:  # cold again, `clients` pulls of the image at once
+                remount()
+                step(f"mount pull x{clients}", lambda: pull_concurrently(
+                    state["registry"], image, "mount", workdir, clients))
         finally:
             state["registry"].stop()
             state["mount"].unmount()
@@ -186,7 +247,7 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
     results["mount push: MiB to Azure"] = push["bytes_up"] / MiB
     results["mount pull: MiB from Azure"] = pull["bytes_down"] / MiB
     results["image MiB"] = image.total_size / MiB
-    results["requests"] = {"push": push["requests"], "pull": pull["requests"]}
+    results["requests"].update({"push": push["requests"], "pull": pull["requests"]})
     return results
 
 
@@ -204,7 +265,8 @@ def report(runs: list[dict[str, Any]], layers_mib: list[float], latency_ms: floa
         print(f"{'mount/local ' + side:34s} " + " ".join(f"{x:8.2f}" for x in ratio))
 
     print()
-    steps = ("local push", "mount push", "local pull", "mount pull")
+    steps = ["local push", "mount push", "local pull", "mount pull",
+             *[key for key in runs[0]["cpu"] if key.startswith("mount pull ")]]
     print(f"{'CPU seconds (mean of runs)':34s}" + "".join(f"{step:>12s}" for step in steps))
     names = sorted({name for r in runs for step in steps for name in r["cpu"][step]})
 
@@ -220,19 +282,29 @@ def report(runs: list[dict[str, Any]], layers_mib: list[float], latency_ms: floa
     print(f"{f'  floor: total / {cores} cores':34s}" + "".join(f"{f:12.2f}" for f in floors))
     walls = [mean([r[step] for r in runs]) for step in steps]
     print(f"{'  wall':34s}" + "".join(f"{w:12.2f}" for w in walls))
+    ratios = [mean([r["cpu"][step].get("daemon", 0.0) / max(r["cpu"][step].get(
+        "client (skopeo)", 0.0), 1e-9) for r in runs]) if step.startswith("mount") else None
+        for step in steps]
+    print(f"{'  daemon / skopeo CPU':34s}" + "".join(
+        f"{ratio:12.2f}" if ratio is not None else f"{'':12s}" for ratio in ratios))
 
-    width = 7 * len(runs)
+    width = max(7 * len(runs), 10)
+    sides = list(runs[0]["requests"])
     print()
-    print(f"{'mount requests by type':34s} {'push':>{width}s}   {'pull':>{width}s}")
-    ops = sorted({op for r in runs for side in ("push", "pull") for op in r["requests"][side]})
+    print(f"{'mount requests by type':34s}" + "".join(f" {side:>{width}s}  " for side in sides))
+    ops = sorted({op for r in runs for side in sides for op in r["requests"][side]})
 
     def cells(side: str, op: str | None) -> str:
         counts = [r["requests"][side] for r in runs]
-        return "".join(f"{sum(c.values()) if op is None else c.get(op, 0):7d}" for c in counts)
+        text = "".join(f"{sum(c.values()) if op is None else c.get(op, 0):7d}" for c in counts)
+        return f" {text:>{width}s}  "
 
-    for op in ops:
-        print(f"{'  ' + op:34s} {cells('push', op)}   {cells('pull', op)}")
-    print(f"{'  total':34s} {cells('push', None)}   {cells('pull', None)}")
+    for op in [*ops, None]:
+        print(f"{'  ' + (op or 'total'):34s}" + "".join(cells(side, op) for side in sides))
+    for step, path in runs[0].get("profile_files", {}).items():
+        print(f"\ndaemon profile, {step} (py-spy, {path}):")
+        for frame, own, inclusive in hot_spots(Path(path), top=20):
+            print(f"  {own:6.1%} self {inclusive:6.1%} incl  {frame}")
 
 
 def main() -> int:
@@ -246,20 +318,30 @@ def main() -> int:
     parser.add_argument("-o", dest="options", default="",
                         help="mount options, e.g. writeback_cache=true")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--clients", type=int, default=8,
+                        help="concurrent pulls of the image in the last step (1: skip it)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="sample the daemon with py-spy during each mount step: collapsed "
+                             "stacks in DIR, hot spots printed")
     parser.add_argument("--workdir", help="keep images, logs (mount, registry, proxy) here, "
                                           "one subdirectory per run (default: a temporary one)")
     args = parser.parse_args()
     layers_mib = [float(size) for size in args.layers.split(",") if size.strip()]
+    profile = Path(args.profile) if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
     runs = []
     for index in range(args.repeat):
         if args.workdir:
             workdir = Path(args.workdir) / f"run{index + 1}"
             shutil.rmtree(workdir, ignore_errors=True)
             workdir.mkdir(parents=True)
-            runs.append(run(layers_mib, args.latency, workdir, args.options))
+            runs.append(run(layers_mib, args.latency, workdir, args.options, args.clients,
+                            profile))
             continue
         with tempfile.TemporaryDirectory(prefix="azregfs-bench-") as tmp:
-            runs.append(run(layers_mib, args.latency, Path(tmp), args.options))
+            runs.append(run(layers_mib, args.latency, Path(tmp), args.options, args.clients,
+                            profile))
     report(runs, layers_mib, args.latency)
     if args.json:
         Path(args.json).write_text(json.dumps(

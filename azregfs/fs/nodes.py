@@ -24,7 +24,7 @@ class FSError(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     inode: int
     path: str
@@ -61,7 +61,7 @@ class Node:
         self.checked_at = time.monotonic()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One name in a directory listing."""
 

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 MARKER_KEY = "hdi_isfolder"
 
 
-@dataclass
+@dataclass(slots=True)
 class BlobInfo:
     name: str
     size: int
