@@ -267,3 +267,25 @@ def test_keep_cache_while_the_etag_is_unchanged_dropped_when_it_changes(containe
     upload(container, "f", new)
     time.sleep(1.2)
     assert read_file(path) == new
+
+
+def test_an_unchanged_blob_is_served_by_the_page_cache_from_its_second_open(container,
+                                                                           mount_factory):
+    """Whatever told the mount the ETag last -- a listing (Azure sends it bare) or a HEAD
+    (quoted) -- the version is the same: the second open keeps the kernel's pages, and no
+    block is fetched again (issue 18: a 256 MiB blob was read from Azure twice)."""
+    data = os.urandom(24 * MiB)
+    upload(container, "big", data)
+    mount = mount_factory(container.container_name)
+    path = mount.path / "big"
+    with open(path, "rb") as handle:
+        assert handle.read() == data  # its ETag from the lookup's listing
+        time.sleep(1.2)
+        os.fstat(handle.fileno())  # past attr_timeout: a getattr, answered by a HEAD
+    before = mount.stats()
+    assert read_file(path) == data  # the lookup finds the HEAD's answer fresh
+    after = mount.stats()
+    assert after["driver"]["requests"].get("read", 0) == \
+        before["driver"]["requests"].get("read", 0)
+    assert (after["cache"]["hits"], after["cache"]["misses"]) == \
+        (before["cache"]["hits"], before["cache"]["misses"])  # not even asked: page cache

@@ -79,6 +79,13 @@ def check_metadata(name: str, metadata: dict[str, str]) -> None:
                            f"Azure keeps at most {MAX_METADATA:,} per blob")
 
 
+def bare_etag(etag: str | None) -> str:
+    """An ETag as listings send it, without quotes. HEAD and write answers quote it; one
+    form keeps one version one key (the block cache, keep_cache), and Azure compares either
+    form in a condition."""
+    return (etag or "").strip('"')
+
+
 def _info(props: BlobProperties) -> BlobInfo:
     blob_type = props.blob_type
     if isinstance(blob_type, BlobType):
@@ -89,7 +96,7 @@ def _info(props: BlobProperties) -> BlobInfo:
     return BlobInfo(
         name=props.name,
         size=props.size or 0,
-        etag=props.etag or "",
+        etag=bare_etag(props.etag),
         mtime=props.last_modified.timestamp() if props.last_modified else 0.0,
         metadata=dict(props.metadata or {}),
         blob_type=type_name,
@@ -103,7 +110,7 @@ def _written(name: str, size: int, response: dict[str, Any], metadata: dict[str,
     """The properties of a blob we just wrote, from the write's own response."""
     modified = response.get("last_modified")
     md5 = response.get("content_md5")
-    return BlobInfo(name, size, response.get("etag") or "",
+    return BlobInfo(name, size, bare_etag(response.get("etag")),
                     modified.timestamp() if modified else time.time(), dict(metadata),
                     "BlockBlob", content_type, bytes(md5) if md5 else None)
 
@@ -472,7 +479,7 @@ class Driver:
         check_metadata(name, metadata)
 
         def call() -> str:
-            return self._blob(name).set_blob_metadata(metadata)["etag"]
+            return bare_etag(self._blob(name).set_blob_metadata(metadata)["etag"])
 
         return await self._run(f"set metadata of {name}", call)
 
@@ -620,8 +627,8 @@ class Driver:
                 total = (tail.properties.content_range or "").rpartition("/")[2]
                 if total != str(position + len(data)) or tail.readall() != data:
                     raise
-                return _lost_answer(name, tail.properties).etag
-            return result["etag"]
+                return bare_etag(_lost_answer(name, tail.properties).etag)
+            return bare_etag(result["etag"])
 
         return await self._run(f"append to {name}", call)
 
