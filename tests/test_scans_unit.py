@@ -154,8 +154,11 @@ def test_a_slow_walk_refreshes_the_subtree_it_is_in_and_a_fast_one_the_page() ->
         await ns.listing(ns.node_for("r02/_layers/1", True))
         assert driver.requests[-1] == "subtree r02/"  # what it will read next, not all
         assert ns.lists.get("r02/_manifests/0") is not None and ns.lists.get("r03") is None
-        await ns.listing(ns.node_for("r39/_layers", True))  # 234 of 240 blobs: fast
+        await ns.listing(ns.node_for("r10/_layers", True))  # 48 blobs on, at once: fast
         assert driver.requests[-1] == "flat  None"  # the page again
+        await trio.sleep(0.25)
+        await ns.listing(ns.node_for("r00/_layers", True))  # started again (a catalog does)
+        assert driver.requests[-1] == "flat  None"  # as fast as it last went: the page
 
     trio.run(main)
 

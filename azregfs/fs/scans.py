@@ -66,6 +66,8 @@ class Page:
     blobs: int = 0
     stride: int = 1
     sample: list[str] = field(default_factory=list)  # every stride-th blob name
+    refreshed: tuple[float, int] | None = None  # when, and how far in, the last refresh was
+    pace: float = 0.0  # blobs the walk crossed per dir_timeout, as last estimated
 
 
 @dataclass
@@ -185,12 +187,21 @@ class Scans:
 
     async def _refresh(self, scan: Scan, where: int, path: str) -> None:
         """The listing of path expired: refresh what the walk will read next. A walk that
-        crossed much of the page within a dir_timeout gets the whole page again (one
+        crosses much of the page within a dir_timeout gets the whole page again (one
         request for all of it); a slow one (a garbage-collect reads files between its
-        readdirs) only the biggest subtree around path that the page held whole."""
+        readdirs) only the biggest subtree around path that the page held whole. The pace
+        is measured between refreshes (from the page's fetch, for the first)."""
         page = scan.pages[where]
+        now = time.monotonic()
         done = bisect.bisect_left(page.sample, self.lists.dir_prefix(path)) * page.stride
-        pace = done * self.dir_timeout / max(time.monotonic() - page.asked_at, 1e-3)
+        if page.refreshed is None:  # the walk's first refresh here: its pace since the page
+            pace = done * self.dir_timeout / max(now - page.asked_at, 1e-3)
+        elif done > page.refreshed[1]:  # since the last refresh
+            pace = (done - page.refreshed[1]) * self.dir_timeout / max(
+                now - page.refreshed[0], 1e-3)
+        else:  # the walk started again (a registry's catalog does, page after page)
+            pace = page.pace
+        page.refreshed, page.pace = (now, done), pace
         if pace < (page.blobs - done) / 4:
             top = path
             for ancestor in ancestors(path):
@@ -201,6 +212,8 @@ class Scans:
             if await self.lists.subtree_if_small(top, LIST_PAGE) is not None:
                 return
         await self._fetch(scan, where)
+        if where < len(scan.pages):
+            scan.pages[where].refreshed, scan.pages[where].pace = (now, done), pace
 
     def _start(self, path: str) -> Scan:
         scan = self.scans[path] = Scan(path, self.lists.dir_prefix(path))
