@@ -276,9 +276,6 @@ class Namespace:
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
-        listing = await self.scans.listing(parent, walking=False)
-        if listing is not None:  # a walk's flat page held the parent (scans.py)
-            return listing.get(name)
         if self.lists.may_list_flat(parent, FLAT_LOOKUP):
             # One flat LIST of a small subtree answers this name and every lookup below
             # the parent for dir_timeout (a registry pull walks one repository this way).

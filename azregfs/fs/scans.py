@@ -103,6 +103,12 @@ class Scan:
         return len(self.pages) - 1 if self.ended else AHEAD
 
 
+def _span(page: Page, dir_prefix: str) -> int:
+    """About how many of the page's blobs lie under dir_prefix (from its sample)."""
+    first = bisect.bisect_left(page.sample, dir_prefix)
+    return (bisect.bisect_left(page.sample, dir_prefix + "\U0010ffff") - first) * page.stride
+
+
 def _under(name: str | None, dir_prefix: str) -> bool:
     return name is not None and name.startswith(dir_prefix)
 
@@ -149,29 +155,25 @@ class Scans:
             probe = parent_of(probe) if probe else None
         return None
 
-    async def listing(self, path: str, walking: bool = True) -> dict[str, Entry] | None:
-        """The directory's listing from the scan that covers it, or None: the caller lists
-        it by level. A walk (readdir) starts a scan where none covers the directory, and
-        fetches pages ahead; a lookup only uses the pages a walk fetched."""
-        scan = self.covering(path)
-        if scan is None:
-            if not walking:
-                return None
-            scan = self._start(path)
+    async def listing(self, path: str) -> dict[str, Entry] | None:
+        """A walk's (readdir's) listing of the directory, from the scan that covers it
+        (started here if none does), or None: the caller lists it by level. Lookups never
+        come here: a refresh sized for a walk would be waste for one name."""
+        scan = self.covering(path) or self._start(path)
         dir_prefix = self.lists.dir_prefix(path)
         async with scan.lock:
             for _ in range(PAGES_AHEAD):
                 entries = self.lists.get(path)
                 if entries is not None:
                     return entries
-                if walking and path in scan.carry:
+                if path in scan.carry:
                     await self._fetch(scan, len(scan.pages))  # completes it, most often
                     if path in scan.carry:
                         return None  # a big directory: listed by level
                     continue
                 where = scan.locate(dir_prefix)
-                if where is None or where == GOES_ON or (where == AHEAD and not walking):
-                    return None  # a page boundary falls in it; or not reached yet
+                if where is None or where == GOES_ON:
+                    return None  # a page boundary falls in it
                 if where == AHEAD:
                     await self._fetch(scan, len(scan.pages))
                     continue
@@ -187,10 +189,11 @@ class Scans:
 
     async def _refresh(self, scan: Scan, where: int, path: str) -> None:
         """The listing of path expired: refresh what the walk will read next. A walk that
-        crosses much of the page within a dir_timeout gets the whole page again (one
-        request for all of it); a slow one (a garbage-collect reads files between its
-        readdirs) only the biggest subtree around path that the page held whole. The pace
-        is measured between refreshes (from the page's fetch, for the first)."""
+        will cross much of the rest of the page within two dir_timeouts gets the whole page
+        again (one request for all of it); a slower one (a garbage-collect reads files
+        between its readdirs) the biggest subtree around path that it will still be in.
+        The pace is measured between refreshes (from the page's fetch, for the first), and
+        kept when the walk starts again."""
         page = scan.pages[where]
         now = time.monotonic()
         done = bisect.bisect_left(page.sample, self.lists.dir_prefix(path)) * page.stride
@@ -202,11 +205,15 @@ class Scans:
         else:  # the walk started again (a registry's catalog does, page after page)
             pace = page.pace
         page.refreshed, page.pace = (now, done), pace
-        if pace < (page.blobs - done) / 4:
+        need = 2 * pace  # blobs the walk will cross in the next two dir_timeouts
+        if need < (page.blobs - done) / 2:
+            # The biggest subtree around path, held whole by the page, that the walk will
+            # still be in: its size estimated from the page's sample of names.
             top = path
             for ancestor in ancestors(path):
+                prefix = self.lists.dir_prefix(ancestor)
                 if not is_under(ancestor, scan.root) or ancestor == scan.root or \
-                        scan.locate(self.lists.dir_prefix(ancestor)) != where:
+                        scan.locate(prefix) != where or _span(page, prefix) > need:
                     break
                 top = ancestor
             if await self.lists.subtree_if_small(top, LIST_PAGE) is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -75,6 +76,7 @@ def _name(element: ET.Element | None) -> str | None:
     return element.text
 
 
+@functools.lru_cache(maxsize=1024)  # a page's blobs share a few dozen distinct times
 def _mtime(text: str | None) -> float:
     if not text:
         return 0.0
