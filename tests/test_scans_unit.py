@@ -236,3 +236,19 @@ def test_what_a_page_carried_is_dropped_when_this_mount_changes_anything_meanwhi
                                    "level a/"]  # not the stale carry
 
     trio.run(main)
+
+
+def test_lookups_missing_in_many_children_of_one_directory_scan_it() -> None:
+    async def main() -> None:
+        names = [f"blobs/{d:02x}/{h}{d:02x}/data" for d in range(40) for h in "abc"]
+        driver = PagedNames(names, page=1000)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        for d in range(2):  # two children of blobs/: each asked by itself
+            assert await ns.scans.for_lookup(f"blobs/{d:02x}") is None
+        listing = await ns.scans.for_lookup("blobs/02")  # the third: blobs/ is scanned
+        assert set(listing) == {"a02", "b02", "c02"}
+        assert driver.requests == ["flat blobs/ None"]
+        assert await ns.scans.for_lookup("blobs/27") is not None  # from the same page
+        assert driver.requests == ["flat blobs/ None"]
+
+    trio.run(main)

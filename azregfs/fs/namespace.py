@@ -276,6 +276,9 @@ class Namespace:
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
+        listing = await self.scans.for_lookup(parent)
+        if listing is not None:  # a flat page held the parent whole (scans.py)
+            return listing.get(name)
         if self.lists.may_list_flat(parent, FLAT_LOOKUP):
             # One flat LIST of a small subtree answers this name and every lookup below
             # the parent for dir_timeout (a registry pull walks one repository this way).

@@ -26,6 +26,10 @@ Invariants:
   forgotten, as their boundaries may have moved.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
   directories it touched out of the cache (the page may predate the change).
+- Lookups use scans too (``for_lookup``): the one that covers the directory, or one
+  started at its parent once lookups missed in HOT_SIBLINGS of its children within
+  dir_timeout. A lookup never fetches pages ahead, and refreshes a page it needed twice
+  within dir_timeout whole.
 - A scan fetches at most PAGES_AHEAD pages to reach a directory further on; past that, the
   directory gets a scan of its own (a walk that prunes big subtrees does not page through
   them).
@@ -52,6 +56,7 @@ from .nodes import Entry, FSError, ancestors, is_under, parent_of
 PAGES_AHEAD = 2
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
+HOT_SIBLINGS = 3  # children of one directory missed by lookups within dir_timeout: scan it
 MAX_CARRIED = 5000  # entries a directory going on into the next page may carry
 AHEAD = -1  # locate(): the names lie past the pages fetched so far
 GOES_ON = -2  # locate(): the names go on past the last page fetched
@@ -144,6 +149,9 @@ class Scans:
         self.lists = listings
         self.dir_timeout = dir_timeout
         self.scans: cachetools.LRUCache[str, Scan] = cachetools.LRUCache(maxsize=MAX_SCANS)
+        # directory -> its children in which lookups just missed (for_lookup)
+        self.missed_under: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
+            maxsize=4096, ttl=max(dir_timeout, 0.001))
 
     def covering(self, path: str) -> Scan | None:
         """The deepest scan whose subtree holds path."""
@@ -157,16 +165,36 @@ class Scans:
 
     async def listing(self, path: str) -> dict[str, Entry] | None:
         """A walk's (readdir's) listing of the directory, from the scan that covers it
-        (started here if none does), or None: the caller lists it by level. Lookups never
-        come here: a refresh sized for a walk would be waste for one name."""
+        (started here if none does), or None: the caller lists it by level."""
         scan = self.covering(path) or self._start(path)
+        return await self._answer(scan, path, walking=True)
+
+    async def for_lookup(self, path: str) -> dict[str, Entry] | None:
+        """A lookup's listing of the directory, from a scan that covers it or one started
+        at its parent once lookups missed in HOT_SIBLINGS of the parent's children within
+        dir_timeout (a garbage-collect reads manifests under blobs/sha256/<2 hex>/ in no
+        order a walk follows); else None. A lookup never fetches pages ahead."""
+        scan = self.covering(path)
+        if scan is None:
+            if not path:
+                return None
+            parent = parent_of(path)
+            missed = self.missed_under.setdefault(parent, set())
+            missed.add(path)
+            if len(missed) < HOT_SIBLINGS:
+                return None
+            del self.missed_under[parent]
+            scan = self._start(parent)
+        return await self._answer(scan, path, walking=False)
+
+    async def _answer(self, scan: Scan, path: str, walking: bool) -> dict[str, Entry] | None:
         dir_prefix = self.lists.dir_prefix(path)
         async with scan.lock:
             for _ in range(PAGES_AHEAD):
                 entries = self.lists.get(path)
                 if entries is not None:
                     return entries
-                if path in scan.carry:
+                if walking and path in scan.carry:
                     await self._fetch(scan, len(scan.pages))  # completes it, most often
                     if path in scan.carry:
                         return None  # a big directory: listed by level
@@ -174,26 +202,28 @@ class Scans:
                 where = scan.locate(dir_prefix)
                 if where is None or where == GOES_ON:
                     return None  # a page boundary falls in it
+                if where == AHEAD and not walking and scan.pages:
+                    return None  # a lookup pages through nothing
                 if where == AHEAD:
                     await self._fetch(scan, len(scan.pages))
                     continue
                 if time.monotonic() - scan.pages[where].asked_at >= self.dir_timeout:
-                    await self._refresh(scan, where, path)
+                    await self._refresh(scan, where, path, walking)
                 return self.lists.get(path)  # None if we changed it while it was listed
             entries = self.lists.get(path)
-            if entries is not None or path == scan.root:
+            if entries is not None or path == scan.root or not walking:
                 return entries
         # Far past this scan's pages (the walk skipped a subtree): a scan of its own.
-        self._start(path)
-        return await self.listing(path)
+        return await self._answer(self._start(path), path, walking)
 
-    async def _refresh(self, scan: Scan, where: int, path: str) -> None:
+    async def _refresh(self, scan: Scan, where: int, path: str, walking: bool) -> None:
         """The listing of path expired: refresh what the walk will read next. A walk that
         will cross much of the rest of the page within two dir_timeouts gets the whole page
         again (one request for all of it); a slower one (a garbage-collect reads files
         between its readdirs) the biggest subtree around path that it will still be in.
         The pace is measured between refreshes (from the page's fetch, for the first), and
-        kept when the walk starts again."""
+        kept when the walk starts again. Lookups in no order get the page when they needed
+        a second refresh in it within dir_timeout."""
         page = scan.pages[where]
         now = time.monotonic()
         done = bisect.bisect_left(page.sample, self.lists.dir_prefix(path)) * page.stride
@@ -204,6 +234,9 @@ class Scans:
                 now - page.refreshed[0], 1e-3)
         else:  # the walk started again (a registry's catalog does, page after page)
             pace = page.pace
+        if not walking and page.refreshed is not None and \
+                now - page.refreshed[0] < self.dir_timeout:
+            pace = page.blobs  # lookups needed it twice within dir_timeout: a hot page
         page.refreshed, page.pace = (now, done), pace
         need = 2 * pace  # blobs the walk will cross in the next two dir_timeouts
         if need < (page.blobs - done) / 2:
