@@ -66,3 +66,51 @@ def test_the_query_encodes_prefix_and_marker() -> None:
     assert fields["prefix"] == ["a b/&c=d/"] and fields["delimiter"] == ["/"]
     assert fields["marker"] == ["2!76!x+y/="]
     assert "prefix" not in parse_qs(list_query("", None, 1, None))
+
+
+def _page(blobs: list[str], tail: str = "") -> bytes:
+    return ("<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults><Blobs>"
+            + "".join(blobs) + "</Blobs>" + tail + "</EnumerationResults>").encode()
+
+
+TRICKY = _page([
+    "<Blob><Name>a &amp; b &lt;c&gt; &#x00E9;</Name><Properties><Creation-Time>Tue, 01 Dec "
+    "2026 09:00:00 GMT</Creation-Time><Last-Modified>Tue, 01 Dec 2026 10:00:00 GMT"
+    "</Last-Modified><Etag>0x8DC</Etag><Content-Length>71</Content-Length><Content-Type>"
+    "text/plain</Content-Type><Content-MD5>bLJY00HwGdpKLmdI3XSS+Q==</Content-MD5><BlobType>"
+    "BlockBlob</BlobType></Properties><Metadata><mode>0644</mode><note>x &amp; y</note>"
+    "<empty /><Etag>not the etag</Etag></Metadata><OrMetadata /></Blob>",
+    "<Blob><Name Encoded=\"true\">odd%EF%BF%BEname</Name><Properties><Content-Length>0"
+    "</Content-Length><Content-Type /><BlobType>AppendBlob</BlobType></Properties>"
+    "<Metadata /></Blob>",
+    "<BlobPrefix><Name>dir/</Name></BlobPrefix>",
+    "<BlobPrefix><Name Encoded=\"true\">d%EF%BF%BEir/</Name></BlobPrefix>",
+    "<Blob><Name>m</Name><Properties><Etag>0x1</Etag></Properties><Metadata><hdi_isfolder>"
+    "true</hdi_isfolder><NextMarker>metadata, not the marker</NextMarker></Metadata></Blob>",
+], "<NextMarker>2!76!real</NextMarker>")
+
+
+def test_the_fast_reading_agrees_with_elementtree() -> None:
+    from azregfs.storage.blobs import _scan_list, parse_list_tree
+
+    fast = _scan_list(TRICKY)
+    assert fast is not None  # read by the fast path, not handed to ElementTree
+    assert fast == parse_list_tree(TRICKY)
+    assert fast.blobs[0].name == "a & b <c> \u00e9" and fast.blobs[0].metadata == {
+        "mode": "0644", "note": "x & y", "empty": "", "Etag": "not the etag"}
+    assert fast.blobs[0].content_md5 is not None and fast.blobs[1].content_type is None
+    assert fast.prefixes == ["dir/", "d\ufffeir/"] and fast.next_marker == "2!76!real"
+    assert fast.blobs[2].is_marker
+
+
+def test_an_answer_the_fast_reading_does_not_expect_goes_to_elementtree() -> None:
+    from azregfs.storage.blobs import _scan_list
+
+    assert _scan_list(ANSWER) is None  # a blob without a name
+    # A metadata key named like the element that delimits blobs.
+    odd = _page(["<Blob><Name>x</Name><Properties><Etag>0x1</Etag></Properties><Metadata>"
+                 "<Blob>v</Blob></Metadata></Blob>"])
+    assert _scan_list(odd) is None
+    page = parse_list(odd)
+    assert [blob.name for blob in page.blobs] == ["x"] and page.blobs[0].metadata == {
+        "Blob": "v"}

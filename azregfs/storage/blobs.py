@@ -20,6 +20,8 @@ from __future__ import annotations
 import base64
 import email.utils
 import functools
+import html
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
@@ -97,7 +99,87 @@ def _md5(text: str | None) -> bytes | None:
 
 
 def parse_list(body: bytes) -> ListPage:
-    """One List Blobs answer (XML) as blobs, level prefixes and the next page's marker."""
+    """One List Blobs answer (XML) as blobs, level prefixes and the next page's marker:
+    read by byte searches (``_scan_list``), checked against its own count of blobs, else
+    by ElementTree (``parse_list_tree``), which reads any well-formed answer."""
+    page = _scan_list(body)
+    return page if page is not None else parse_list_tree(body)
+
+
+_PREFIX = re.compile(rb"<BlobPrefix>\s*<Name( Encoded=\"true\")?>([^<]*)</Name>")
+_PAIR = re.compile(rb"<([^\s/<>]+)>([^<]*)</\1>|<([^\s/<>]+)\s*/>")
+_NEXT = re.compile(rb"<NextMarker>([^<]*)</NextMarker>")
+
+
+def _text(raw: bytes) -> str:
+    text = raw.decode("utf-8")
+    return html.unescape(text) if "&" in text else text
+
+
+# The properties a BlobInfo keeps; each is a leaf element of <Properties>, in any order.
+_FIELDS = re.compile(rb"<(Last-Modified|Etag|Content-Length|Content-Type|Content-MD5|BlobType)"
+                     rb">([^<]*)</")
+
+
+def _scan_list(body: bytes) -> ListPage | None:
+    """parse_list's fast path: about a fifth of ElementTree's CPU, which builds every element
+    of a page (Azure sends some twenty a blob). None when the answer is not shaped as
+    expected: ElementTree reads it then."""
+    try:
+        return _scan_blobs(body)
+    except (ValueError, UnicodeDecodeError):  # an element not closed where expected
+        return None
+
+
+def _scan_blobs(body: bytes) -> ListPage | None:
+    chunks = body.split(b"<Blob>")
+    blobs: list[BlobInfo] = []
+    for chunk in chunks[1:]:
+        chunk = chunk[:chunk.index(b"</Blob>")]
+        name_at = chunk.find(b"<Name")
+        if name_at < 0:
+            continue
+        open_end = chunk.index(b">", name_at)
+        raw_name = chunk[open_end + 1:chunk.index(b"</Name>", open_end)]
+        name = _text(raw_name)
+        if b'Encoded="true"' in chunk[name_at:open_end]:
+            name = unquote(name)
+        props_at = chunk.find(b"<Properties>")
+        props = chunk[props_at:chunk.index(b"</Properties>", props_at)] if props_at >= 0 \
+            else b""
+        meta_at = chunk.find(b"<Metadata>")
+        metadata: dict[str, str] = {}
+        if meta_at >= 0:
+            section = chunk[meta_at + 10:chunk.index(b"</Metadata>", meta_at)]
+            for key, value, empty_key in _PAIR.findall(section):
+                if key:
+                    metadata[key.decode("utf-8")] = _text(value)
+                else:
+                    metadata[empty_key.decode("utf-8")] = ""
+        fields = dict(_FIELDS.findall(props))
+        get = fields.get
+        content_type = get(b"Content-Type")
+        md5 = get(b"Content-MD5")
+        blobs.append(BlobInfo(
+            name=name,
+            size=int(get(b"Content-Length") or 0),
+            etag=_text(get(b"Etag", b"")),
+            mtime=_mtime(get(b"Last-Modified", b"").decode("utf-8") or None),
+            metadata=metadata,
+            blob_type=get(b"BlobType", b"").decode("utf-8") or "BlockBlob",
+            content_type=_text(content_type) if content_type else None,
+            content_md5=_md5(md5.decode("utf-8")) if md5 else None,
+        ))
+    if len(blobs) != len(chunks) - 1:
+        return None  # a blob without a name: ElementTree decides
+    prefixes = [unquote(_text(raw)) if encoded else _text(raw)
+                for encoded, raw in _PREFIX.findall(body)]
+    marker = _NEXT.search(body, max(body.rfind(b"</Blobs>"), 0))  # not a metadata key's
+    return ListPage(blobs, prefixes, _text(marker.group(1)) or None if marker else None)
+
+
+def parse_list_tree(body: bytes) -> ListPage:
+    """One List Blobs answer read by ElementTree (parse_list's reference and fallback)."""
     root = ET.fromstring(body)
     blobs: list[BlobInfo] = []
     prefixes: list[str] = []
