@@ -248,7 +248,22 @@ def test_lookups_missing_in_many_children_of_one_directory_scan_it() -> None:
         listing = await ns.scans.for_lookup("blobs/02")  # the third: blobs/ is scanned
         assert set(listing) == {"a02", "b02", "c02"}
         assert driver.requests == ["flat blobs/ None"]
-        assert await ns.scans.for_lookup("blobs/27") is not None  # from the same page
+        assert ns.lists.get("blobs/27") is not None  # the page's: a lookup's yes there
+        # A cached listing never says no to a lookup: that is Azure's to say.
+        assert await ns.scans.for_lookup("blobs/27") is None
         assert driver.requests == ["flat blobs/ None"]
+
+    trio.run(main)
+
+
+def test_a_name_that_lands_makes_its_directories_exist_in_cached_listings() -> None:
+    async def main() -> None:
+        driver = PagedNames(["a/old"], page=100)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        await walk(ns, "", {})
+        assert set(ns.lists.get("a")) == {"old"}
+        # A file committed in directories made here (no blob of theirs in Azure).
+        ns.note("a/new/deeper/f", Entry(False, BlobInfo("a/new/deeper/f", 1, "e", 0.0)))
+        assert ns.lists.get("a")["new"].is_dir
 
     trio.run(main)

@@ -51,6 +51,9 @@ class _Fetch:
     invalidated: bool = False
 
 
+_SOME_DIR = Entry(True, None)  # a fetch's record: this name is a directory (keep a marker's)
+
+
 @dataclass
 class Watch:
     """Our changes noted while a walk's flat page was fetched: the directories they touched
@@ -136,6 +139,9 @@ class Listings:
             for name, entry in record.changes.items():
                 if entry is None:
                     entries.pop(name, None)
+                elif entry is _SOME_DIR:  # a directory above a name that landed
+                    if name not in entries or not entries[name].is_dir:
+                        entries[name] = Entry(True, None)
                 else:
                     entries[name] = entry
             if not record.invalidated:
@@ -289,17 +295,35 @@ class Listings:
 
     def note(self, path: str, entry: Entry | None) -> None:
         """Our own change to one name: patch the parent's cached listing in place (its
-        lifetime is unchanged, so other hosts' changes still show within dir_timeout)."""
+        lifetime is unchanged, so other hosts' changes still show within dir_timeout). A
+        name that lands also makes every directory above it exist in their listings (a
+        file committed in a directory made here makes that directory a prefix in Azure)."""
         self.generation += 1
         parent, _, name = path.rpartition("/")
+        self._patch(parent, name, entry)
+        if entry is None:
+            return
+        while parent:
+            parent, _, name = parent.rpartition("/")
+            self._patch(parent, name, None, ensure_dir=True)
+
+    def _patch(self, parent: str, name: str, entry: Entry | None,
+               ensure_dir: bool = False) -> None:
         for watch in self.watchers:
             watch.dirs.add(parent)
         for record in self.fetching.get(parent, ()):
-            record.changes[name] = entry
+            if not ensure_dir:
+                record.changes[name] = entry
+            elif name not in record.changes:
+                record.changes[name] = _SOME_DIR
         listing = self.cache.get(parent)
         if listing is None:
             return
-        if entry is None:
+        if ensure_dir:
+            known = listing.get(name)
+            if known is None or not known.is_dir:
+                listing[name] = Entry(True, None)
+        elif entry is None:
             listing.pop(name, None)
         else:
             listing[name] = entry
