@@ -12,6 +12,8 @@ Invariants:
   size), so a remount with another ETag or another block size never finds an old file.
 - Concurrent readers of one block wait on one load (``_inflight``), never several, whether
   that load comes from disk or from Azure.
+- One version bigger than half the memory tier evicts its own blocks past its head, not
+  the rest of the cache (``_Blocks``): a scan wipes neither the cache nor itself.
 - Memory is bounded in bytes: cached blocks, pinned versions and the ranged GETs in flight
   together fit ``cache_size``. A GET (or disk read) counts twice its length while it runs
   (the SDK holds the response both in pieces and joined, then blocks are cut from it),
@@ -98,20 +100,72 @@ class CacheStats:
 
 class _Blocks(cachetools.LRUCache):
     """The memory tier, an LRU bounded in bytes together with ``outside``: what the read
-    path holds beside it (pinned versions, GETs in flight) takes room from the LRU."""
+    path holds beside it (pinned versions, GETs in flight) takes room from the LRU.
 
-    def __init__(self, capacity: int, stats: CacheStats) -> None:
+    Scan resistant: a version that holds more than ``share`` (half the tier: the GETs in
+    flight may hold the other half) makes room for its next block -- or for a GET about to
+    start, when it is the biggest version -- by evicting its own least recently used block
+    past its head, not the tier's. A blob bigger than the cache, read twice, finds its head
+    still cached the second time (a plain LRU evicts each block just before it is needed
+    again), and the rest of the cache survives the scan. Versions within the share are
+    plain LRU."""
+
+    def __init__(self, capacity: int, stats: CacheStats, block_size: int) -> None:
         super().__init__(maxsize=capacity, getsizeof=len)
         self._stats = stats
         self.outside = 0
+        self.share = capacity // 2
+        self.head_blocks = max(1, self.share // block_size)
+        self.version_bytes: dict[tuple[str, str], int] = {}
+        self.version_order: dict[tuple[str, str], OrderedDict[int, None]] = {}
+        self._growing: tuple[str, str] | None = None  # the version being inserted
+
+    def __getitem__(self, key: Key) -> bytes:
+        value = super().__getitem__(key)
+        self.version_order[key[:2]].move_to_end(key[2])
+        return value
+
+    def __delitem__(self, key: Key) -> None:
+        value = super().__getitem__(key) if key in self else b""
+        super().__delitem__(key)
+        version = key[:2]
+        order = self.version_order[version]
+        del order[key[2]]
+        self.version_bytes[version] -= len(value)
+        if not order:
+            del self.version_order[version], self.version_bytes[version]
 
     def popitem(self):  # type: ignore[override]
         self._stats.evictions += 1
+        victim = self._own_victim()
+        if victim is not None:
+            return victim, self.pop(victim)
         return super().popitem()
 
+    def _own_victim(self) -> Key | None:
+        version = self._growing
+        if version is None:  # room for a GET about to start: the biggest version pays
+            version = max(self.version_bytes, key=self.version_bytes.__getitem__,
+                          default=None)
+        if version is None or self.version_bytes.get(version, 0) <= self.share:
+            return None
+        for index in self.version_order[version]:  # least recently used first
+            if index >= self.head_blocks:
+                return (*version, index)
+        return None
+
     def __setitem__(self, key: Key, value: bytes) -> None:
-        super().__setitem__(key, value)
-        self.fit()
+        version = key[:2]
+        if key in self:
+            del self[key]
+        self._growing = version
+        try:
+            super().__setitem__(key, value)
+            self.version_order.setdefault(version, OrderedDict())[key[2]] = None
+            self.version_bytes[version] = self.version_bytes.get(version, 0) + len(value)
+            self.fit()
+        finally:
+            self._growing = None
 
     def fit(self) -> None:
         """Evict least recently used blocks until they fit beside ``outside``."""
@@ -368,7 +422,7 @@ class BlockCache:
         self.max_fetch = max_fetch  # the largest ranged GET read-ahead makes
         self.stats = CacheStats()
         # cache_size bounds the read path's memory: cached blocks, pins and GETs in flight.
-        self.blocks = _Blocks(max(capacity, block_size), self.stats)
+        self.blocks = _Blocks(max(capacity, block_size), self.stats, block_size)
         self.fetch_room = _FetchRoom(self.blocks, max(capacity // 2, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
