@@ -222,8 +222,9 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
             with profiled(state["mount"].process.pid, out), CpuMeter(processes()) as cpu:
                 results[name] = timed(action)
             results["cpu"][name] = cpu.used
-            results["requests"][name.removeprefix("mount ")] = delta(
-                proxy.snapshot(), before)["requests"]
+            moved = delta(proxy.snapshot(), before)
+            results["requests"][name.removeprefix("mount ")] = moved["requests"]
+            results[f"{name}: MiB from Azure"] = moved["bytes_down"] / MiB
             if out is not None:
                 results.setdefault("profile_files", {})[name] = str(out)
 
