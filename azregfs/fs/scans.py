@@ -192,10 +192,14 @@ class Scans:
         name is asked of Azure: a cached listing may only answer it with a yes)."""
         dir_prefix = self.lists.dir_prefix(path)
         cached = self.lists.get(path)
+
+        def usable(entries: dict[str, Entry] | None) -> dict[str, Entry] | None:
+            return entries if walking or entries is not cached else None
+
         async with scan.lock:
             for _ in range(PAGES_AHEAD):
-                entries = self.lists.get(path)
-                if entries is not None and (walking or entries is not cached):
+                entries = usable(self.lists.get(path))
+                if entries is not None:
                     return entries
                 if walking and path in scan.carry:
                     await self._fetch(scan, len(scan.pages))  # completes it, most often
@@ -210,15 +214,11 @@ class Scans:
                 if where == AHEAD:
                     await self._fetch(scan, len(scan.pages))
                     continue
-                if time.monotonic() - scan.pages[where].asked_at < self.dir_timeout:
-                    return None if not walking else self.lists.get(path)
-                await self._refresh(scan, where, path, walking)
-                entries = self.lists.get(path)  # None if we changed it while it was listed
-                return entries if walking or entries is not cached else None
-            entries = self.lists.get(path)
-            if not walking:
-                return entries if entries is not cached else None
-            if entries is not None or path == scan.root:
+                if time.monotonic() - scan.pages[where].asked_at >= self.dir_timeout:
+                    await self._refresh(scan, where, path, walking)
+                return usable(self.lists.get(path))  # None if we changed it meanwhile
+            entries = usable(self.lists.get(path))
+            if entries is not None or path == scan.root or not walking:
                 return entries
         # Far past this scan's pages (the walk skipped a subtree): a scan of its own.
         return await self._answer(self._start(path), path, walking)
