@@ -104,13 +104,15 @@ class _Blocks(cachetools.LRUCache):
 
     Scan resistant: a version that holds more than ``share`` (half the tier: the GETs in
     flight may hold the other half) makes room for its next block -- or for a GET about to
-    start, when it is the biggest version -- by evicting its own least recently used block
-    past its head, not the tier's. A blob bigger than the cache, read twice, finds its head
-    still cached the second time (a plain LRU evicts each block just before it is needed
-    again), and the rest of the cache survives the scan. Versions within the share are
-    plain LRU."""
+    start, when it is the biggest version -- by evicting its own lowest block past its head
+    and well behind its newest (the one its reader passed longest ago; before there is
+    one, the last of its head), never one read ahead, and not the tier's. A
+    blob bigger than the cache, read twice, finds its head still cached the second time (a
+    plain LRU evicts each block just before it is needed again), and the rest of the cache
+    survives the scan. Versions within the share are plain LRU."""
 
-    def __init__(self, capacity: int, stats: CacheStats, block_size: int) -> None:
+    def __init__(self, capacity: int, stats: CacheStats, block_size: int,
+                 read_ahead: int) -> None:
         super().__init__(maxsize=capacity, getsizeof=len)
         self._stats = stats
         self.outside = 0
@@ -118,6 +120,10 @@ class _Blocks(cachetools.LRUCache):
         self.head_blocks = max(1, self.share // block_size)
         self.version_bytes: dict[tuple[str, str], int] = {}
         self.version_order: dict[tuple[str, str], OrderedDict[int, None]] = {}
+        self.version_newest: dict[tuple[str, str], int] = {}  # highest block index stored
+        # Blocks a reader may still be behind the newest one: the read-ahead window, and
+        # the kernel's own read-ahead and requests in flight beside it.
+        self.margin_blocks = read_ahead // block_size + 2
         self._growing: tuple[str, str] | None = None  # the version being inserted
 
     def __getitem__(self, key: Key) -> bytes:
@@ -134,6 +140,7 @@ class _Blocks(cachetools.LRUCache):
         self.version_bytes[version] -= len(value)
         if not order:
             del self.version_order[version], self.version_bytes[version]
+            del self.version_newest[version]
 
     def popitem(self):  # type: ignore[override]
         self._stats.evictions += 1
@@ -149,10 +156,14 @@ class _Blocks(cachetools.LRUCache):
                           default=None)
         if version is None or self.version_bytes.get(version, 0) <= self.share:
             return None
-        for index in self.version_order[version]:  # least recently used first
-            if index >= self.head_blocks:
-                return (*version, index)
-        return None
+        # The lowest block past the head and well behind the newest one: the one a
+        # sequential reader passed longest ago, never one read ahead of it.
+        behind = self.version_newest[version] - self.margin_blocks
+        passed = [index for index in self.version_order[version] if index < behind]
+        past_head = [index for index in passed if index >= self.head_blocks]
+        if past_head:
+            return (*version, min(past_head))
+        return (*version, max(passed)) if passed else None  # else: the head's end
 
     def __setitem__(self, key: Key, value: bytes) -> None:
         version = key[:2]
@@ -162,6 +173,7 @@ class _Blocks(cachetools.LRUCache):
         try:
             super().__setitem__(key, value)
             self.version_order.setdefault(version, OrderedDict())[key[2]] = None
+            self.version_newest[version] = max(self.version_newest.get(version, 0), key[2])
             self.version_bytes[version] = self.version_bytes.get(version, 0) + len(value)
             self.fit()
         finally:
@@ -422,7 +434,8 @@ class BlockCache:
         self.max_fetch = max_fetch  # the largest ranged GET read-ahead makes
         self.stats = CacheStats()
         # cache_size bounds the read path's memory: cached blocks, pins and GETs in flight.
-        self.blocks = _Blocks(max(capacity, block_size), self.stats, block_size)
+        self.blocks = _Blocks(max(capacity, block_size), self.stats, block_size,
+                              self.read_ahead)
         self.fetch_room = _FetchRoom(self.blocks, max(capacity // 2, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
