@@ -101,6 +101,16 @@ def _body(response: Any) -> bytes:
     return data
 
 
+def _refusal(response: Any) -> HttpResponseError:
+    """The SDK's error for an answer our own requests (list, ranged GET) got refused, as
+    map_error expects it: its type for 404 and 412, Azure's error code kept."""
+    error_type = {404: ResourceNotFoundError, 412: ResourceModifiedError}.get(
+        response.status_code, HttpResponseError)
+    error = error_type(response=response)
+    error.error_code = response.headers.get("x-ms-error-code")
+    return error
+
+
 def bare_etag(etag: str | None) -> str:
     """An ETag as listings send it, without quotes. HEAD and write answers quote it; one
     form keeps one version one key (the block cache, keep_cache), and Azure compares either
@@ -421,11 +431,7 @@ class Driver:
                 log.debug("LIST %s: answer cut short; asking again", prefix)
                 continue
             if response.status_code != 200:
-                error_type = ResourceNotFoundError if response.status_code == 404 \
-                    else HttpResponseError
-                error = error_type(response=response)
-                error.error_code = response.headers.get("x-ms-error-code")
-                raise error
+                raise _refusal(response)
             return parse_list(body)
         raise AssertionError("unreachable")
 
@@ -546,11 +552,7 @@ class Driver:
             return body[offset:offset + length]
         if response.status_code == 416:
             return b""  # the range starts at or past the end
-        error_type = {404: ResourceNotFoundError, 412: ResourceModifiedError}.get(
-            response.status_code, HttpResponseError)
-        error = error_type(response=response)
-        error.error_code = response.headers.get("x-ms-error-code")
-        raise error
+        raise _refusal(response)
 
     async def get_block_list(self, name: str) -> list[CommittedBlock] | None:
         """The committed blocks, or None when their IDs are not text we can send back."""
