@@ -1,15 +1,20 @@
 """The block cache's memory tier without Azure (azregfs/read/blockcache.py): a scan bigger
-than the cache wipes neither the cache nor itself, and what fits keeps its hit ratio.
+than the cache wipes neither the cache nor itself, what fits keeps its hit ratio, and
+readers of one blob at once share its GETs (single flight).
 Counted in the driver's reads, never timed. The same reads through a mount are in
 tests/test_cache.py."""
 
 from __future__ import annotations
 
+import errno
 import random
 
+import pytest
 import trio
+from trio.testing import MockClock
 
 from azregfs.read.blockcache import BlockCache, ReadStream
+from azregfs.storage.driver import StorageError
 
 BLOCK = 64 * 1024
 CAPACITY = 64 * BLOCK
@@ -72,3 +77,83 @@ def test_what_fits_keeps_its_hit_ratio() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+# -- single flight: readers of one version share its loads -------------------------------------
+
+
+class SlowBlobs(Blobs):
+    """Every read takes 10 ms (of a mock clock), so concurrent readers overlap; it counts
+    its requests. `failing` reads raise, as a driver does once its retries are spent."""
+
+    def __init__(self, **blobs: bytes) -> None:
+        super().__init__(**blobs)
+        self.requests = 0
+        self.failing = 0
+
+    async def read(self, name: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        self.requests += 1
+        await trio.sleep(0.01)
+        if self.failing:
+            self.failing -= 1
+            raise StorageError(errno.EIO, "injected")
+        return await super().read(name, offset, length, etag)
+
+
+def concurrent_reads(readers: int, stagger: float, size: int) -> tuple[int, int]:
+    """Requests and bytes the driver served for `readers` reading one blob whole at once,
+    each starting `stagger` seconds after the one before."""
+    data = random.Random(5).randbytes(size)
+    driver = SlowBlobs(f=data)
+
+    async def main() -> None:
+        cache = BlockCache(driver, BLOCK, 4 * size, 16 * BLOCK, stats_interval=0,  # type: ignore[arg-type]
+                           max_fetch=8 * BLOCK)
+        async with trio.open_nursery() as nursery:
+            cache.start(nursery)
+            async with trio.open_nursery() as clients:
+                async def reader(delay: float) -> None:
+                    await trio.sleep(delay)
+                    assert await read_through(cache, "f", size) == data
+
+                for index in range(readers):
+                    clients.start_soon(reader, index * stagger)
+            assert not cache._inflight
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))
+    return driver.requests, driver.served
+
+
+def test_concurrent_readers_of_one_blob_share_its_gets() -> None:
+    size = 100 * BLOCK + 123
+    alone, _ = concurrent_reads(1, 0, size)
+    for readers, stagger in ((8, 0.0), (8, 0.003), (8, 0.02)):
+        requests, served = concurrent_reads(readers, stagger, size)
+        assert served == size, (readers, stagger)  # each byte fetched once
+        assert requests <= 1.1 * alone, (readers, stagger, requests, alone)
+
+
+def test_a_failed_read_ahead_fails_its_waiters_and_the_next_read_loads_anew() -> None:
+    async def main() -> None:
+        data = random.Random(6).randbytes(40 * BLOCK)
+        driver = SlowBlobs(f=data)
+        cache = BlockCache(driver, BLOCK, CAPACITY, 16 * BLOCK, stats_interval=0,  # type: ignore[arg-type]
+                           max_fetch=8 * BLOCK)
+        async with trio.open_nursery() as nursery:
+            cache.start(nursery)
+            stream = ReadStream()
+            assert await cache.read("f", "v1", len(data), 0, BLOCK, stream) == data[:BLOCK]
+            driver.failing = 100  # every read-ahead in flight or queued fails
+            with pytest.raises(StorageError):
+                for offset in range(BLOCK, len(data), BLOCK):
+                    await cache.read("f", "v1", len(data), offset, BLOCK, stream)
+            await trio.sleep(1)
+            assert not cache._inflight  # nothing claimed is left waiting forever
+            driver.failing = 0
+            cache.failed.forget(("f", "v1"))  # (the kernel's repeats are over: recent.py)
+            assert await read_through(cache, "f", len(data)) == data
+            nursery.cancel_scope.cancel()
+        assert not cache._inflight
+
+    trio.run(main, clock=MockClock(autojump_threshold=0))

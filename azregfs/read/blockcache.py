@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 RANDOM_ALIGN = 4096
 WHOLE_READ_MAX = 8 * 1024 * 1024  # the largest version a handle fetches whole (pins)
 Key = tuple[str, str, int]
+Run = dict[Key, Flight[bytes]]  # claimed blocks, consecutive, loaded together
 
 
 @dataclass
@@ -503,7 +504,7 @@ class BlockCache:
         if not sequential and not all(self._held((name, etag, i)) for i in range(first, last + 1)):
             return await self._direct(name, etag, blob_size, offset, end)
         if stream is not None and sequential:
-            if offset == 0 and stream.prefetched_to == 0 and not self._held((name, etag, 0)):
+            if offset == 0 and stream.prefetched_to == 0:
                 await self._start_whole_read(name, etag, blob_size, stream)
             self._read_ahead(name, etag, blob_size, last, stream)
         parts = []
@@ -566,9 +567,8 @@ class BlockCache:
     async def _whole(self, name: str, etag: str, size: int) -> list[bytes]:
         """Every block of one version: those nobody holds in one ranged GET, then all."""
         count = -(-size // self.block_size)
-        missing = [i for i in range(count) if not self._held((name, etag, i))]
-        if len(missing) > 1:
-            await self._fetch_run(name, etag, size, missing)
+        for run in self._claim(name, etag, range(count)):
+            await self._load(name, etag, size, run, for_reader=False)
         return [await self.block(name, etag, size, index) for index in range(count)]
 
     async def _direct(self, name: str, etag: str, blob_size: int, offset: int, end: int) -> bytes:
@@ -592,34 +592,73 @@ class BlockCache:
         self.stats.memory_misses += 1
         download = self._inflight.get(key)
         if download is None:
-            return await self._fetch(key, blob_size, for_reader=True)
+            (run,) = self._claim(name, etag, (index,))
+            return (await self._load(name, etag, blob_size, run, for_reader=True))[key]
         return await download.result()
 
-    async def _fetch(self, key: Key, blob_size: int, for_reader: bool) -> bytes:
-        """Load one block from disk or Azure; hits and misses count readers, not read-ahead."""
-        name, etag, index = key
-        download = self._inflight[key] = Flight()
+    def _claim(self, name: str, etag: str, indices: Iterable[int]) -> list[Run]:
+        """Flights for the blocks among `indices` (ascending) that nobody holds or loads,
+        grouped into runs to load together: consecutive blocks in one ranged GET, a block
+        the disk holds on its own. Claimed with no await in between, so a block never has
+        two loads; every claimed Flight is landed or failed by ``_load`` or ``_drop``."""
+        runs: list[Run] = []
+        previous = -2
+        joinable = False
+        for index in indices:
+            key = (name, etag, index)
+            if self._loading_or_loaded(key):
+                joinable = False
+                continue
+            on_disk = self._on_disk(key)
+            if not (joinable and not on_disk and previous == index - 1):
+                runs.append({})
+            runs[-1][key] = self._inflight[key] = Flight()
+            joinable = not on_disk
+            previous = index
+        return runs
+
+    async def _load(self, name: str, etag: str, blob_size: int, run: Run,
+                    for_reader: bool) -> dict[Key, bytes]:
+        """Load claimed blocks (consecutive): one block from disk if the disk holds it, else
+        one ranged GET, cut into blocks. Hits and misses count readers, not read-ahead."""
+        keys = list(run)
+        first, last = keys[0][2], keys[-1][2]
         try:
-            start = index * self.block_size
-            length = min(self.block_size, blob_size - start)
+            start = first * self.block_size
+            length = min((last + 1) * self.block_size, blob_size) - start
             async with self.fetch_room.hold(length):
-                data = await self._from_disk(key, length)
-                if data is not None and for_reader:
-                    self.stats.hits += 1
-                if data is None:
+                data = await self._from_disk(keys[0], length) if len(keys) == 1 else None
+                if data is not None:
+                    self.stats.hits += for_reader
+                    blocks = {keys[0]: data}
+                else:
                     self.stats.misses += for_reader
-                    self.stats.disk_misses += self.disk is not None
+                    if self.disk is not None:
+                        self.stats.disk_misses += len(keys)
                     data = await self.driver.read(name, start, length, etag)
                     self.stats.bytes_from_azure += len(data)
-                    self._to_disk(key, data)
-            self.blocks[key] = data
+                    blocks = self._cut(data, first, keys)
+                    del data  # before the room is given back: only the blocks remain
+                    for key in keys:
+                        self._to_disk(key, blocks[key])
+            if not for_reader:
+                self.stats.prefetched += len(keys)
+            for key in keys:
+                self.blocks[key] = blocks[key]
         except BaseException as exc:
-            download.fail(exc)
+            self._drop(run, exc)
             raise
-        finally:
+        for key, flight in run.items():
             del self._inflight[key]
-        download.land(data)
-        return data
+            flight.land(blocks[key])
+        return blocks
+
+    def _drop(self, run: Run, error: BaseException) -> None:
+        """Give up claimed blocks: their waiters get `error`, a later reader loads anew."""
+        for key, flight in run.items():
+            if self._inflight.get(key) is flight:
+                del self._inflight[key]
+                flight.fail(error)
 
     async def _from_disk(self, key: Key, length: int) -> bytes | None:
         if self.disk is None:
@@ -640,12 +679,14 @@ class BlockCache:
                                 stream: ReadStream) -> None:
         """A reader starting at the beginning of a blob most likely reads it whole (a
         registry pull, cp, a digest): its first GET takes max_fetch bytes, not one block,
-        and read-ahead goes on at full window (GETs of max_fetch) instead of ramping up."""
+        and read-ahead goes on at full window (GETs of max_fetch) instead of ramping up.
+        So does a reader starting while another reads the blob: the loads are shared."""
         count = min(min(self.max_fetch, self.read_ahead) // self.block_size,
                     (blob_size - 1) // self.block_size + 1)  # within the read-ahead window
         stream.prefetched_to = count
         stream.run = max(stream.run, 2 * self.max_fetch)  # a window refilled max_fetch a time
-        await self._fetch_run(name, etag, blob_size, list(range(count)))
+        for run in self._claim(name, etag, range(count)):
+            await self._load(name, etag, blob_size, run, for_reader=False)
 
     def _read_ahead(
         self, name: str, etag: str, blob_size: int, last: int, stream: ReadStream
@@ -654,7 +695,11 @@ class BlockCache:
 
         The window doubles with the run up to ``read_ahead``; it is refilled a half-window
         at a time (at most ``max_fetch`` bytes per GET), because one large ranged GET costs
-        far less than many small ones (per-request latency, and CPU on both ends).
+        far less than many small ones (per-request latency, and CPU on both ends). Runs lie
+        on a grid of that size, and are claimed before they wait for a GET slot: readers of
+        one version at different places ask for the same runs, and share them whole, where
+        runs planned from each reader's own position would split each other into small
+        GETs (and a reader overtaking a queued run would GET its blocks one by one).
         """
         if self._nursery is None or stream.run < self.block_size // 2:
             return
@@ -663,38 +708,32 @@ class BlockCache:
         end_of_blob = (blob_size - 1) // self.block_size
         final = min(end_of_blob, last + window)
         first = max(last + 1, stream.prefetched_to)
-        while first <= final and (final - first + 1 >= step or final == end_of_blob):
-            count = min(step, final - first + 1)
-            self._nursery.start_soon(self._prefetch, name, etag, blob_size, first, count)
-            first += count
+        while first <= final:
+            run_end = min(first - first % step + step - 1, end_of_blob)
+            if run_end > final:
+                break  # not yet wholly inside the window
+            runs = self._claim(name, etag, range(first, run_end + 1))
+            if runs:
+                self._nursery.start_soon(self._prefetch, name, etag, blob_size, runs)
+            first = run_end + 1
         stream.prefetched_to = max(stream.prefetched_to, first)
 
-    async def _prefetch(self, name: str, etag: str, blob_size: int, first: int,
-                        count: int) -> None:
-        async with self._prefetch_limiter:
-            runs: list[list[int]] = []  # consecutive blocks to GET together
-            joinable = False
-            for index in range(first, first + count):
-                key = (name, etag, index)
-                if self._loading_or_loaded(key):
-                    joinable = False
-                    continue
-                on_disk = self._on_disk(key)
-                if joinable and not on_disk and runs[-1][-1] == index - 1:
-                    runs[-1].append(index)
-                else:
-                    runs.append([index])  # a block on disk is read back on its own
-                joinable = not on_disk
-            for run in runs:
-                try:
-                    if len(run) > 1:
-                        await self._fetch_run(name, etag, blob_size, run)
-                    elif not self._loading_or_loaded(key := (name, etag, run[0])):
-                        self.stats.prefetched += 1
-                        await self._fetch(key, blob_size, for_reader=False)
-                except Exception as exc:  # noqa: BLE001 - the reader will retry and report
-                    log.debug("read-ahead of %s blocks %s failed: %s", name, run, exc)
-                    return
+    async def _prefetch(self, name: str, etag: str, blob_size: int,
+                        runs: list[Run]) -> None:
+        """Load claimed runs, at most ``concurrency`` read-aheads at a time."""
+        try:
+            async with self._prefetch_limiter:
+                while runs:
+                    run = runs.pop(0)
+                    try:
+                        await self._load(name, etag, blob_size, run, for_reader=False)
+                    except Exception as exc:  # noqa: BLE001 - its waiters have the error
+                        log.debug("read-ahead of %s blocks %d-%d failed: %s", name,
+                                  min(run)[2], max(run)[2], exc)
+        except BaseException as exc:
+            for run in runs:  # never started (shutdown): nobody may wait on them forever
+                self._drop(run, exc)
+            raise
 
     def _cut(self, data: bytes, first: int, keys: Iterable[Key]) -> dict[Key, bytes]:
         """The blocks of a ranged GET that began at block `first`, each its own bytes (a
@@ -704,39 +743,3 @@ class BlockCache:
         with memoryview(data) as view:
             return {key: bytes(view[(key[2] - first) * self.block_size:
                                     (key[2] - first + 1) * self.block_size]) for key in keys}
-
-    async def _fetch_run(self, name: str, etag: str, blob_size: int, run: list[int]) -> None:
-        """Consecutive blocks in one ranged GET, each cached on its own.
-
-        Blocks a reader started loading since the run was planned are left to that reader
-        (checked and claimed with no await in between, so one block never has two loads).
-        """
-        downloads: dict[Key, Flight[bytes]] = {
-            key: Flight() for key in ((name, etag, index) for index in run)
-            if not self._loading_or_loaded(key)}
-        if not downloads:
-            return
-        self._inflight.update(downloads)
-        self.stats.prefetched += len(downloads)
-        try:
-            first = min(key[2] for key in downloads)
-            last = max(key[2] for key in downloads)
-            start = first * self.block_size
-            length = min((last + 1) * self.block_size, blob_size) - start
-            async with self.fetch_room.hold(length):
-                data = await self.driver.read(name, start, length, etag)
-                self.stats.bytes_from_azure += len(data)
-                blocks = self._cut(data, first, downloads)
-                del data  # before the room is given back: only the blocks remain
-            for key in downloads:
-                self.blocks[key] = blocks[key]
-                self._to_disk(key, blocks[key])
-        except BaseException as exc:
-            for download in downloads.values():
-                download.fail(exc)
-            raise
-        finally:
-            for key in downloads:
-                del self._inflight[key]
-        for key, download in downloads.items():
-            download.land(blocks[key])
