@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -289,3 +290,30 @@ def test_an_unchanged_blob_is_served_by_the_page_cache_from_its_second_open(cont
         before["driver"]["requests"].get("read", 0)
     assert (after["cache"]["hits"], after["cache"]["misses"]) == \
         (before["cache"]["hits"], before["cache"]["misses"])  # not even asked: page cache
+
+
+def test_eight_readers_of_one_blob_at_once_share_its_gets(container, mount_factory):
+    """Eight processes reading one blob at once (eight clients pulling one layer) cost the
+    GETs one reader costs, and each byte comes from Azure once (issue 18). Their handles
+    share the kernel's page cache, so each sees its reads skip what the others brought in."""
+    data = os.urandom(64 * MiB)
+    upload(container, "alone", data)
+    upload(container, "shared", data)
+    mount = mount_factory(container.container_name)
+
+    def gets_for(name: str, readers: int) -> tuple[int, int]:
+        before = mount.stats()
+        processes = [subprocess.Popen(["cat", str(mount.path / name)],
+                                      stdout=subprocess.DEVNULL) for _ in range(readers)]
+        assert [process.wait() for process in processes] == [0] * readers
+        after = mount.stats()
+        return (after["driver"]["requests"].get("read", 0)
+                - before["driver"]["requests"].get("read", 0),
+                after["cache"]["bytes_from_azure"] - before["cache"]["bytes_from_azure"])
+
+    alone, alone_bytes = gets_for("alone", 1)
+    shared, shared_bytes = gets_for("shared", 8)
+    assert alone_bytes == shared_bytes == len(data)
+    assert shared <= 1.1 * alone, (shared, alone)
+    assert hashlib.sha256(read_file(mount.path / "shared")).digest() == \
+        hashlib.sha256(data).digest()

@@ -161,6 +161,8 @@ class RequestMeter(SansIOHTTPPolicy):
                 query = parse_qs(url.query)
                 path += "?" + " ".join(f"{key}={query[key][0]!r}" for key in
                                        ("prefix", "delimiter", "marker") if key in query)
+            elif "x-ms-range" in request.http_request.headers:  # which bytes
+                path += " " + request.http_request.headers["x-ms-range"]
             log.debug("azure %s %s -> %s%s %.1f ms%s [fuse %s]", op, path, status or "error",
                       f" {code}" if code else "", seconds * 1000,
                       f" request-id {request_id}" if request_id and status and status >= 400

@@ -23,6 +23,11 @@ Invariants:
   doubling with the run up to ``read_ahead`` and refilled in runs of consecutive blocks,
   one ranged GET per run; a random read of a block nobody holds fetches just the aligned
   range it needs and bypasses the cache, as a ranged GET would.
+- Read-ahead runs lie on a grid (cells of up to ``max_fetch``) and are claimed (``_claim``:
+  a Flight per block, no await) before they wait for a GET slot. So handles reading one
+  version at once -- whose reads skip, since they share the kernel's page cache -- ask
+  for the same cells and share them whole: eight readers cost one reader's GETs. Every
+  claimed Flight is landed or failed (``_load``, ``_drop``), never left waiting.
 - Disk files are written to a temporary name and renamed into place, carry their length and
   CRC32 in a header, and are checked when read: a crash or a torn write costs a miss, never
   wrong bytes.
@@ -72,10 +77,17 @@ class ReadStream:
     run: int = 0  # bytes read sequentially so far
     prefetched_to: int = 0  # block index up to which read-ahead was requested
 
-    def observe(self, offset: int, size: int) -> bool:
-        sequential = offset == self.next_offset or offset == 0
+    def observe(self, offset: int, size: int, slack: int = 0) -> bool:
+        """Note a read; is it sequential? A read landing up to `slack` bytes past the last
+        one's end goes on with the run: the kernel's page cache is shared by every handle of
+        a file, so with several readers each handle's reads skip what the others brought
+        in. So does one up to `slack` behind it: the kernel's READs of one file, in flight
+        together, may arrive out of order."""
+        ahead = offset - self.next_offset
+        sequential = offset == 0 or ahead == 0 or (self.next_offset >= 0 and abs(ahead) <= slack)
         self.run = self.run + size if sequential else 0
-        self.next_offset = offset + size
+        if offset == 0 or not sequential or ahead > 0:
+            self.next_offset = offset + size  # (a late read behind the stream leaves it)
         return sequential
 
 
@@ -498,9 +510,18 @@ class BlockCache:
     async def _read(self, name: str, etag: str, blob_size: int, offset: int, size: int,
                     stream: ReadStream | None) -> bytes:
         end = min(offset + size, blob_size)
-        sequential = stream.observe(offset, size) if stream else True
         first = offset // self.block_size
         last = (end - 1) // self.block_size
+        sequential = True
+        if stream is not None:
+            # A skip forward onto a block read ahead is the same sequential reader, not a
+            # random one; when the skip is over what other readers of the file brought in,
+            # it reads on at their pace (full-window runs, on the same grid as theirs).
+            joined = self._loading_or_loaded((name, etag, first))
+            skipped = 0 <= stream.next_offset < offset
+            sequential = stream.observe(offset, size, self.read_ahead if joined else 0)
+            if sequential and skipped:
+                stream.run = max(stream.run, 2 * self.max_fetch)
         if not sequential and not all(self._held((name, etag, i)) for i in range(first, last + 1)):
             return await self._direct(name, etag, blob_size, offset, end)
         if stream is not None and sequential:
@@ -712,7 +733,9 @@ class BlockCache:
             run_end = min(first - first % step + step - 1, end_of_blob)
             if run_end > final:
                 break  # not yet wholly inside the window
-            runs = self._claim(name, etag, range(first, run_end + 1))
+            # The whole cell of the grid: its blocks before `first` that nobody holds yet
+            # (the reader is about to load them itself) join its GET.
+            runs = self._claim(name, etag, range(first - first % step, run_end + 1))
             if runs:
                 self._nursery.start_soon(self._prefetch, name, etag, blob_size, runs)
             first = run_end + 1
