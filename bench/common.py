@@ -86,6 +86,9 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+PROFILE_NATIVE = False  # py-spy --native: C frames too (libfuse, hashing), pausing the daemon
+
+
 @contextlib.contextmanager
 def profiled(pid: int, out: Path | None, rate: int = 250) -> Iterator[None]:
     """Sample the daemon with py-spy while the block runs (nothing if out is None): its
@@ -95,7 +98,9 @@ def profiled(pid: int, out: Path | None, rate: int = 250) -> Iterator[None]:
         return
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw",
-                            "--rate", str(rate), "--nonblocking", "--threads",
+                            "--rate", str(rate), "--threads",
+                            # native frames need the process paused for each sample
+                            *(["--native"] if PROFILE_NATIVE else ["--nonblocking"]),
                             "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)  # py-spy attaches
@@ -115,7 +120,8 @@ def hot_spots(collapsed: Path, top: int = 15) -> list[tuple[str, float, float]]:
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")[1:]]
-        if not frames or any(idle in frames[-1] for idle in _IDLE):
+        if not frames or any(idle in frames[-1] for idle in _IDLE) or any(
+                wait in frame for frame in frames[-4:] for wait in _NATIVE_WAITS):
             continue
         count = int(count_text)
         total += count
@@ -125,6 +131,10 @@ def hot_spots(collapsed: Path, top: int = 15) -> list[tuple[str, float, float]]:
     return [(frame, n / total, inclusive[frame] / total) for frame, n in own.most_common(top)]
 
 
+# With --native, a thread waiting shows C frames (an unnamed libc address at the leaf): a
+# lock, a condition (the GIL itself, taken back after a system call) or a poll.
+_NATIVE_WAITS = ("pthread_cond_wait", "pthread_cond_timedwait", "PyThread_acquire_lock",
+                 "epoll_wait", "poll (libc")
 _IDLE = ("epoll", "_worker (threading", "wait (threading", "select (selectors",
          "get (trio/_core/_thread_cache", "_handle_request (trio/_core/_thread_cache")
 

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 from azure.storage.blob import BlobServiceClient
 from common import CpuMeter, hot_spots, process_tree, profiled
 
@@ -324,11 +325,14 @@ def main() -> int:
     parser.add_argument("--profile", metavar="DIR",
                         help="sample the daemon with py-spy during each mount step: collapsed "
                              "stacks in DIR, hot spots printed")
+    parser.add_argument("--native", action="store_true",
+                        help="with --profile: C frames too (py-spy --native)")
     parser.add_argument("--workdir", help="keep images, logs (mount, registry, proxy) here, "
                                           "one subdirectory per run (default: a temporary one)")
     args = parser.parse_args()
     layers_mib = [float(size) for size in args.layers.split(",") if size.strip()]
     profile = Path(args.profile) if args.profile else None
+    common.PROFILE_NATIVE = args.native
     if profile is not None:
         profile.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -62,7 +62,7 @@ def test_concurrent_readers_of_one_block_share_one_get(azurite, container):
     results: list[bytes] = []
 
     async def reader(offset: int) -> None:
-        results.append(await cache.read("blob", etag, len(data), offset, 4096))
+        results.append(bytes(await cache.read("blob", etag, len(data), offset, 4096)))
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -275,7 +275,7 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
         return info, self.ns.attributes(node)
 
     @handled
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         handle = self.handles.get(fh)
         if handle is None:
             return self.control.read(fh, off, size)

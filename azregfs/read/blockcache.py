@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 RANDOM_ALIGN = 4096
 WHOLE_READ_MAX = 8 * 1024 * 1024  # the largest version a handle fetches whole (pins)
 Key = tuple[str, str, int]
-Run = dict[Key, Flight[bytes]]  # claimed blocks, consecutive, loaded together
+Block = bytes | bytearray  # a GET reads blocks into buffers of their own; never changed after
+Run = dict[Key, Flight[Block]]  # claimed blocks, consecutive, loaded together
 
 
 @dataclass
@@ -139,7 +140,7 @@ class _Blocks(cachetools.LRUCache):
         self.margin_blocks = read_ahead // block_size + 2
         self._growing: tuple[str, str] | None = None  # the version being inserted
 
-    def __getitem__(self, key: Key) -> bytes:
+    def __getitem__(self, key: Key) -> Block:
         value = super().__getitem__(key)
         self.version_order[key[:2]].move_to_end(key[2])
         return value
@@ -178,7 +179,7 @@ class _Blocks(cachetools.LRUCache):
             return (*version, min(past_head))
         return (*version, max(passed)) if passed else None  # else: the head's end
 
-    def __setitem__(self, key: Key, value: bytes) -> None:
+    def __setitem__(self, key: Key, value: Block) -> None:
         version = key[:2]
         if key in self:
             del self[key]
@@ -227,7 +228,7 @@ class _FetchRoom:
 
 @dataclass
 class _Pin:
-    blocks: list[bytes]
+    blocks: list[Block]
     size: int
     holders: int = 0
 
@@ -452,7 +453,7 @@ class BlockCache:
         self.fetch_room = _FetchRoom(self.blocks, max(capacity // 2, 2 * block_size))
         self.disk = disk
         self.stats_interval = stats_interval
-        self._inflight: dict[Key, Flight[bytes]] = {}
+        self._inflight: dict[Key, Flight[Block]] = {}
         # Versions whose read just failed: the kernel's repeat of that READ is answered at once.
         self.failed: RecentFailures[tuple[str, str]] = RecentFailures()
         self._prefetch_limiter = trio.CapacityLimiter(concurrency)
@@ -492,14 +493,16 @@ class BlockCache:
     async def read(
         self, name: str, etag: str, blob_size: int, offset: int, size: int,
         stream: ReadStream | None = None,
-    ) -> bytes:
-        """Bytes [offset, offset+size) of the version `etag` of blob `name`."""
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of the version `etag` of blob `name` (a view into a
+        cached block, when they lie in one)."""
         end = min(offset + size, blob_size)
         if offset >= end:
             return b""
         pin = self.pins.get((name, etag))
         if pin is not None:
-            return self._from_blocks(pin.blocks, offset, end)
+            first, last = offset // self.block_size, (end - 1) // self.block_size
+            return self._span(pin.blocks[first:last + 1], first, offset, end)
         self.failed.check((name, etag))
         try:
             return await self._read(name, etag, blob_size, offset, size, stream)
@@ -508,7 +511,7 @@ class BlockCache:
             raise
 
     async def _read(self, name: str, etag: str, blob_size: int, offset: int, size: int,
-                    stream: ReadStream | None) -> bytes:
+                    stream: ReadStream | None) -> bytes | memoryview:
         end = min(offset + size, blob_size)
         first = offset // self.block_size
         last = (end - 1) // self.block_size
@@ -528,20 +531,22 @@ class BlockCache:
             if offset == 0 and stream.prefetched_to == 0:
                 await self._start_whole_read(name, etag, blob_size, stream)
             self._read_ahead(name, etag, blob_size, last, stream)
-        parts = []
-        for index in range(first, last + 1):
-            block = await self.block(name, etag, blob_size, index)
-            start = index * self.block_size
-            parts.append(block[max(offset - start, 0):end - start])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        blocks = [await self.block(name, etag, blob_size, index)
+                  for index in range(first, last + 1)]
+        return self._span(blocks, first, offset, end)
 
-    def _from_blocks(self, blocks: list[bytes], offset: int, end: int) -> bytes:
-        first, last = offset // self.block_size, (end - 1) // self.block_size
-        parts = []
-        for index in range(first, last + 1):
-            start = index * self.block_size
-            parts.append(blocks[index][max(offset - start, 0):end - start])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+    def _span(self, blocks: list[Block], first: int, offset: int,
+              end: int) -> bytes | memoryview:
+        """Bytes [offset, end) of consecutive blocks, the first of them block `first`: a view
+        into the block when they lie in one (pyfuse3 replies from any buffer: no copy),
+        else joined."""
+        start = first * self.block_size
+        if len(blocks) == 1:
+            return memoryview(blocks[0])[offset - start:end - start]
+        parts = [memoryview(block) for block in blocks]
+        parts[0] = parts[0][offset - start:]
+        parts[-1] = parts[-1][:end - start - (len(blocks) - 1) * self.block_size]
+        return b"".join(parts)
 
     # -- pins: whole versions held for open handles ----------------------------------------
 
@@ -585,7 +590,7 @@ class BlockCache:
             self.pinned_bytes -= pin.size
             self.blocks.outside -= pin.size
 
-    async def _whole(self, name: str, etag: str, size: int) -> list[bytes]:
+    async def _whole(self, name: str, etag: str, size: int) -> list[Block]:
         """Every block of one version: those nobody holds in one ranged GET, then all."""
         count = -(-size // self.block_size)
         for run in self._claim(name, etag, range(count)):
@@ -603,7 +608,7 @@ class BlockCache:
         self.stats.bytes_from_azure += len(data)
         return data[offset - start:end - start]
 
-    async def block(self, name: str, etag: str, blob_size: int, index: int) -> bytes:
+    async def block(self, name: str, etag: str, blob_size: int, index: int) -> Block:
         key = (name, etag, index)
         data = self.blocks.get(key)
         if data is not None:
@@ -639,7 +644,7 @@ class BlockCache:
         return runs
 
     async def _load(self, name: str, etag: str, blob_size: int, run: Run,
-                    for_reader: bool) -> dict[Key, bytes]:
+                    for_reader: bool) -> dict[Key, Block]:
         """Load claimed blocks (consecutive): one block from disk if the disk holds it, else
         one ranged GET, cut into blocks. Hits and misses count readers, not read-ahead."""
         keys = list(run)
@@ -656,10 +661,15 @@ class BlockCache:
                     self.stats.misses += for_reader
                     if self.disk is not None:
                         self.stats.disk_misses += len(keys)
-                    data = await self.driver.read(name, start, length, etag)
-                    self.stats.bytes_from_azure += len(data)
-                    blocks = self._cut(data, first, keys)
-                    del data  # before the room is given back: only the blocks remain
+                    pieces = await self.driver.read_blocks(name, start, length, etag,
+                                                           self.block_size)
+                    self.stats.bytes_from_azure += sum(map(len, pieces))
+                    if [len(piece) for piece in pieces] != [
+                            min(self.block_size, start + length - key[2] * self.block_size)
+                            for key in keys]:
+                        raise StorageError(errno.EIO, f"{name}: {sum(map(len, pieces))} bytes "
+                                           f"in answer to a range of {length}")
+                    blocks = dict(zip(keys, pieces, strict=True))
                     for key in keys:
                         self._to_disk(key, blocks[key])
             if not for_reader:
@@ -757,12 +767,3 @@ class BlockCache:
             for run in runs:  # never started (shutdown): nobody may wait on them forever
                 self._drop(run, exc)
             raise
-
-    def _cut(self, data: bytes, first: int, keys: Iterable[Key]) -> dict[Key, bytes]:
-        """The blocks of a ranged GET that began at block `first`, each its own bytes (a
-        GET of one block is that block, not copied)."""
-        if len(data) <= self.block_size:
-            return dict.fromkeys(keys, data)  # one key: the GET was that very block
-        with memoryview(data) as view:
-            return {key: bytes(view[(key[2] - first) * self.block_size:
-                                    (key[2] - first + 1) * self.block_size]) for key in keys}

@@ -558,7 +558,8 @@ class WriteSession:
                     parts[i] = await self._read_base(cache, base, *part)
             return b"".join(parts)  # type: ignore[arg-type]
 
-    async def _read_base(self, cache: BlockCache, base: BlobInfo, start: int, length: int) -> bytes:
+    async def _read_base(self, cache: BlockCache, base: BlobInfo, start: int,
+                         length: int) -> bytes | memoryview:
         try:
             return await cache.read(self.name, base.etag, base.size, start, length)
         except StorageError as exc:
