@@ -22,6 +22,21 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from azregfs.demo.azurite import Azurite
 from azregfs.fs import control
 
+# Modules that take minutes (Azurite takes 20,000 uploads in about 300 s; distribution's
+# suite is built and run; a 6,000-object registry is uploaded; outages are waited out)
+# start first: with one module per worker (scripts/test), the longest ones then run beside
+# the rest instead of after it.
+LONGEST_FIRST = ("test_namespace.py", "test_distribution_suite.py", "test_faults.py",
+                 "test_walks.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order
+
 
 @pytest.fixture(scope="module")
 def azurite() -> Iterator[Azurite]:

@@ -267,6 +267,11 @@ class Versions:
         self.reads += 1
         return self.data[offset:offset + length]
 
+    async def read_blocks(self, name: str, offset: int, length: int, etag: str,
+                          piece: int) -> list[bytearray]:
+        data = await self.read(name, offset, length, etag)
+        return [bytearray(data[at:at + piece]) for at in range(0, len(data), piece)]
+
 
 def test_a_pinned_version_outlives_its_blob():
     async def main() -> None:

@@ -593,7 +593,8 @@ class BlockCache:
     async def _whole(self, name: str, etag: str, size: int) -> list[Block]:
         """Every block of one version: those nobody holds in one ranged GET, then all."""
         count = -(-size // self.block_size)
-        for run in self._claim(name, etag, range(count)):
+        # One GET even across a block someone holds: a small file costs one round trip.
+        for run in self._claim(name, etag, range(count), bridge=True):
             await self._load(name, etag, size, run, for_reader=False)
         return [await self.block(name, etag, size, index) for index in range(count)]
 
@@ -622,21 +623,24 @@ class BlockCache:
             return (await self._load(name, etag, blob_size, run, for_reader=True))[key]
         return await download.result()
 
-    def _claim(self, name: str, etag: str, indices: Iterable[int]) -> list[Run]:
+    def _claim(self, name: str, etag: str, indices: Iterable[int],
+               bridge: bool = False) -> list[Run]:
         """Flights for the blocks among `indices` (ascending) that nobody holds or loads,
         grouped into runs to load together: consecutive blocks in one ranged GET, a block
-        the disk holds on its own. Claimed with no await in between, so a block never has
-        two loads; every claimed Flight is landed or failed by ``_load`` or ``_drop``."""
+        the disk holds on its own. With `bridge`, every block nobody holds anywhere is one
+        run, whose GET spans the blocks between. Claimed with no await in between, so a
+        block never has two loads; every claimed Flight is landed or failed by ``_load``
+        or ``_drop``."""
         runs: list[Run] = []
         previous = -2
         joinable = False
         for index in indices:
             key = (name, etag, index)
-            if self._loading_or_loaded(key):
-                joinable = False
+            if self._loading_or_loaded(key) or (bridge and self._on_disk(key)):
+                joinable = bridge and bool(runs)
                 continue
             on_disk = self._on_disk(key)
-            if not (joinable and not on_disk and previous == index - 1):
+            if not (joinable and not on_disk and (bridge or previous == index - 1)):
                 runs.append({})
             runs[-1][key] = self._inflight[key] = Flight()
             joinable = not on_disk
@@ -645,8 +649,9 @@ class BlockCache:
 
     async def _load(self, name: str, etag: str, blob_size: int, run: Run,
                     for_reader: bool) -> dict[Key, Block]:
-        """Load claimed blocks (consecutive): one block from disk if the disk holds it, else
-        one ranged GET, cut into blocks. Hits and misses count readers, not read-ahead."""
+        """Load claimed blocks: one block from disk if the disk holds it, else one ranged GET
+        from the first to the last, read into one buffer a block. Hits and misses count
+        readers, not read-ahead."""
         keys = list(run)
         first, last = keys[0][2], keys[-1][2]
         try:
@@ -665,11 +670,11 @@ class BlockCache:
                                                            self.block_size)
                     self.stats.bytes_from_azure += sum(map(len, pieces))
                     if [len(piece) for piece in pieces] != [
-                            min(self.block_size, start + length - key[2] * self.block_size)
-                            for key in keys]:
+                            min(self.block_size, start + length - index * self.block_size)
+                            for index in range(first, last + 1)]:
                         raise StorageError(errno.EIO, f"{name}: {sum(map(len, pieces))} bytes "
                                            f"in answer to a range of {length}")
-                    blocks = dict(zip(keys, pieces, strict=True))
+                    blocks = {key: pieces[key[2] - first] for key in keys}
                     for key in keys:
                         self._to_disk(key, blocks[key])
             if not for_reader:
