@@ -71,6 +71,7 @@ class Config:
     marker_delay: float = 2.0  # an empty directory's marker blob is written this late
     # Data path.
     listing_cache_size: int = 16 * MiB  # directory listings kept for dir_timeout
+    max_inodes: int = 250_000  # past it, the kernel is asked to drop its oldest entries
     block_size: int = 8 * MiB
     read_block_size: int = 1 * MiB
     dirty_budget: int = 256 * MiB
@@ -128,6 +129,8 @@ class Config:
             raise ConfigError("block_size must be between 64 KiB and 4000 MiB")
         if self.dirty_budget < 2 * self.block_size:
             raise ConfigError("dirty_budget must be at least twice block_size")
+        if self.max_inodes < 100:
+            raise ConfigError("max_inodes must be at least 100")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.metrics_addr:

@@ -259,6 +259,7 @@ class Daemon:
             nursery.start_soon(self._tune_kernel_read_ahead)
             if self.trimmer is not None:
                 nursery.start_soon(self.trimmer.run)
+            nursery.start_soon(self.operations.inode_budget.run)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             sd_notify("STOPPING=1")
             if not self.abandoned:

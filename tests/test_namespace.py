@@ -265,6 +265,27 @@ def test_forgotten_inodes_are_dropped(mount_factory, container: ContainerClient)
         f"inodes after walk {walked}, after drop_caches {mnt.stats()['inodes']}")
 
 
+def test_a_walk_past_max_inodes_leaves_the_daemon_near_its_budget(mount_factory,
+                                                                  container: ContainerClient
+                                                                  ) -> None:
+    """Without memory pressure the kernel keeps every entry a walk met, and the daemon a
+    node for each; past max_inodes the kernel is asked to drop the oldest (fs/budget.py),
+    so a walk of a million blobs does not leave a million nodes behind (issue 17)."""
+    names = [f"d{top}/s{sub}/blob{index}" for top in range(4) for sub in range(10)
+             for index in range(75)]
+    create_blobs(container, names, b"x")
+    mnt = mount_factory(container.container_name, "-o", "max_inodes=500")
+    found = subprocess.run(["find", str(mnt.path)], capture_output=True, text=True, check=True)
+    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(names)
+    assert wait_for(lambda: mnt.stats()["inodes"] <= 500), mnt.stats()["inodes"]
+    assert mnt.stats()["inodes_asked_to_drop"] > 0
+    # Only the kernel's copies went: the same names and bytes, answered from the listings.
+    requests = mnt.stats()["driver"]["requests"]
+    assert sorted(os.listdir(mnt.path / "d3" / "s9")) == sorted(f"blob{i}" for i in range(75))
+    assert (mnt.path / "d0" / "s0" / "blob0").read_bytes() == b"x"
+    assert mnt.stats()["driver"]["requests"].get("list", 0) <= requests.get("list", 0) + 2
+
+
 # -- attributes --------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ import errno
 import logging
 import stat
 import time
+from collections import deque
 
 import cachetools
 import pyfuse3
@@ -54,6 +55,7 @@ class Namespace:
         self.started = time.time()
         root = Node(ROOT_INODE, "", True, mtime=self.started, lookups=1)
         self.nodes: dict[int, Node] = {ROOT_INODE: root}
+        self.created: deque[int] = deque()  # inodes in the order made (budget.py), or gone
         self.by_path: dict[str, Node] = {"": root}
         self.next_inode = ROOT_INODE + 1
         self.lists = Listings(cfg, driver)
@@ -113,6 +115,9 @@ class Namespace:
             self.next_inode += 1
             self.nodes[node.inode] = node
             self.by_path[path] = node
+            self.created.append(node.inode)
+            if len(self.created) > 2 * len(self.nodes) + 1024:  # mostly dropped ones
+                self.created = deque(inode for inode in self.nodes if inode != ROOT_INODE)
         return node
 
     def _apply_entry(self, node: Node, entry: Entry) -> None:

@@ -26,6 +26,7 @@ from ..read.known import known_content
 from ..storage.driver import BlobInfo, StorageError
 from ..write.writebuffer import WriteBuffer, WriteSession
 from . import control
+from .budget import InodeBudget
 from .changes import NamespaceChanges
 from .namespace import ROOT_INODE, Namespace, time_text
 from .nodes import Entry, FSError, Node, join, parent_of
@@ -42,6 +43,7 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
         super().__init__()
         self.cfg = cfg
         self.ns = namespace
+        self.inode_budget = InodeBudget(namespace, cfg.max_inodes)  # run by the daemon
         self.driver = namespace.driver
         self.cache = cache
         self.writes = writes
@@ -504,6 +506,7 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
             "cache_bytes": self.cache.blocks.currsize,
             "cache_disk_bytes": self.cache.disk.used if self.cache.disk else 0,
             "inodes": self.ns.size,
+            "inodes_asked_to_drop": self.inode_budget.asked,
             "open_handles": len(self.handles),
             "write_sessions": len(self.writes.sessions),
             "dirty_bytes": budget.used,

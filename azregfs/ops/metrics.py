@@ -323,6 +323,8 @@ _LIVE: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "write_sessions": ("azregfs_write_sessions", "gauge",
                        "Files open for writing (write sessions)", {}),
     "inodes": ("azregfs_inodes", "gauge", "Inodes the kernel holds references to", {}),
+    "inodes_asked_to_drop": ("azregfs_inodes_asked_to_drop", "counter",
+                             "Entries the kernel was asked to drop past max_inodes", {}),
     "azure_concurrency": ("azregfs_azure_concurrency_limit", "gauge",
                           "Requests allowed in flight now (halved when throttled)", {}),
 }
