@@ -16,7 +16,8 @@ Invariants:
   the rest of the cache (``_Blocks``): a scan wipes neither the cache nor itself.
 - Memory is bounded in bytes: cached blocks, pinned versions and the ranged GETs in flight
   together fit ``cache_size``. A GET (or disk read) counts twice its length while it runs
-  (the SDK holds the response both in pieces and joined, then blocks are cut from it),
+  (the most one holds: a disk read and a GET without the driver's fast path read their
+  bytes whole, then split them into blocks; the fast path reads into the blocks at once),
   waits while the GETs in flight already hold ``fetch_room`` (half of cache_size), and
   the memory tier evicts what no longer fits beside them (``_Blocks.outside``).
 - A handle that reads sequentially has the next blocks fetched ahead of it, the window
