@@ -267,3 +267,26 @@ def test_a_name_that_lands_makes_its_directories_exist_in_cached_listings() -> N
         assert ns.lists.get("a")["new"].is_dir
 
     trio.run(main)
+
+
+def test_a_walk_bigger_than_the_listing_cache_fetches_pages_again_not_directories() -> None:
+    """Listings of a fresh page pushed out of the listing cache by the walk's next pages (a
+    registry bigger than listing_cache_size, with a long dir_timeout) cost the page again,
+    once, not a level listing of each directory left in it: 946 LISTs for a catalog of
+    1,000 repositories before (bench/gc.py -o dir_timeout=10)."""
+    async def main() -> None:
+        names = [f"repositories/p{p}/a{a}/{kind}/{i}/link" for p in range(6) for a in range(10)
+                 for kind in ("_layers", "_manifests") for i in range(6)]
+        driver = PagedNames(names, page=300)
+        # Room for about two pages of listings: each page pushes out an earlier one.
+        ns = Namespace(Config(dir_timeout=60, listing_cache_size=600 * 1000),  # type: ignore[arg-type]
+                       driver)
+        for _ in range(2):  # a catalog walks from the first repository again on every page
+            seen: dict[str, set[str]] = {}
+            await walk(ns, "", seen)
+            assert all(seen[path] == truth(names, path) for path in seen)
+        levels = [request for request in driver.requests if request.startswith("level")]
+        assert len(levels) <= 4, levels  # the directories pages straddle, not each one
+        assert len(driver.requests) <= 20, driver.requests
+
+    trio.run(main)

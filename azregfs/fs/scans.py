@@ -23,7 +23,9 @@ Invariants:
   next (``_refresh``): its whole page again, from the page's continuation marker, when the
   walk is fast enough to use it; else the biggest subtree around it that the page held
   whole, flat. Never each directory by itself. The pages after a refetched page are
-  forgotten, as their boundaries may have moved.
+  forgotten, as their boundaries may have moved. So is a fresh page whose listings the
+  cache pushed out (a walk bigger than listing_cache_size) while this mount changed
+  nothing: its page again, not a level listing of each directory.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
   directories it touched out of the cache (the page may predate the change).
 - Lookups use scans too (``for_lookup``): the one that covers the directory, or one
@@ -73,6 +75,7 @@ class Page:
     sample: list[str] = field(default_factory=list)  # every stride-th blob name
     refreshed: tuple[float, int] | None = None  # when, and how far in, the last refresh was
     pace: float = 0.0  # blobs the walk crossed per dir_timeout, as last estimated
+    generation: int = -1  # Listings.generation when it was asked for
 
 
 @dataclass
@@ -216,6 +219,13 @@ class Scans:
                     continue
                 if time.monotonic() - scan.pages[where].asked_at >= self.dir_timeout:
                     await self._refresh(scan, where, path, walking)
+                elif walking and self.lists.get(path) is None and \
+                        scan.pages[where].generation == self.lists.generation:
+                    # Fresh, and nothing changed here since, but not in the listing cache:
+                    # pushed out by what came after it (a walk bigger than
+                    # listing_cache_size). The page again (one request for what the walk
+                    # reads next), not a level listing of each directory left in it.
+                    await self._fetch(scan, where)
                 return usable(self.lists.get(path))  # None if we changed it meanwhile
             entries = usable(self.lists.get(path))
             if entries is not None or path == scan.root or not walking:
@@ -275,7 +285,7 @@ class Scans:
         scan.carry = {}
         changed = Watch()
         self.lists.watchers.append(changed)
-        asked_at = time.monotonic()
+        asked_at, generation = time.monotonic(), self.lists.generation
         try:
             page = await self.lists.driver.list_page(scan.prefix, marker)
         except StorageError as exc:
@@ -287,7 +297,8 @@ class Scans:
         del scan.pages[index:]
         stride = max(1, len(page.blobs) // SAMPLES)
         scan.pages.append(Page(marker, last, page.next_marker, asked_at, len(page.blobs),
-                               stride, [blob.name for blob in page.blobs[::stride]]))
+                               stride, [blob.name for blob in page.blobs[::stride]],
+                               generation=generation))
         listings = self.lists.tree(scan.root, page.blobs)
         for directory, entries in carried.items():
             listings[directory] = {**entries, **listings.get(directory, {})}
