@@ -44,6 +44,7 @@ Code between two ``await``s is atomic (trio); one page of a scan is fetched at a
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ import trio
 from ..storage.driver import LIST_PAGE, StorageError
 from .listings import Listings, Watch
 from .nodes import Entry, FSError, ancestors, is_under, parent_of
+
+log = logging.getLogger(__name__)
 
 PAGES_AHEAD = 2
 SAMPLES = 100  # names a page keeps: how far into it a walk got
@@ -225,6 +228,8 @@ class Scans:
                     # pushed out by what came after it (a walk bigger than
                     # listing_cache_size). The page again (one request for what the walk
                     # reads next), not a level listing of each directory left in it.
+                    log.debug("listing of %r pushed out of the listing cache: page %d of "
+                              "the scan of %r again", path, where, scan.root)
                     await self._fetch(scan, where)
                 return usable(self.lists.get(path))  # None if we changed it meanwhile
             entries = usable(self.lists.get(path))
