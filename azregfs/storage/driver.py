@@ -101,6 +101,11 @@ def _body(response: Any) -> bytes:
     return data
 
 
+def _split(data: bytes, piece: int) -> list[bytearray]:
+    """data in buffers of `piece` bytes (the last one shorter), each its own copy."""
+    return [bytearray(data[start:start + piece]) for start in range(0, len(data), piece)]
+
+
 def _body_into(response: Any, length: int, piece: int) -> list[bytearray]:
     """A streamed answer of `length` bytes read from the socket straight into buffers of
     `piece` bytes (the last one shorter): the block cache's blocks, with no copy of the
@@ -110,8 +115,7 @@ def _body_into(response: Any, length: int, piece: int) -> list[bytearray]:
     raw = getattr(getattr(response, "internal_response", None), "raw", None)
     source = getattr(raw, "_fp", None)
     if not hasattr(source, "readinto") or not hasattr(raw, "release_conn"):
-        data = _body(response)
-        return [bytearray(data[start:start + piece]) for start in range(0, len(data), piece)]
+        return _split(_body(response), piece)
     expected = response.headers.get("Content-Length")
     if expected is not None:
         length = int(expected)  # (shorter when the range runs past the end)
@@ -599,7 +603,7 @@ class Driver:
             raise _refusal(response)
         if not piece:
             return body
-        return [bytearray(body[start:start + piece]) for start in range(0, len(body), piece)]
+        return _split(body, piece)
 
     async def get_block_list(self, name: str) -> list[CommittedBlock] | None:
         """The committed blocks, or None when their IDs are not text we can send back."""
