@@ -19,8 +19,10 @@ Rules the code relies on:
   ``alive`` first, so a segment replaced while it was uploading is simply dropped.
 - Full blocks are staged in the background while the writer goes on; the budget bounds the
   bytes held in memory across all sessions, and a writer waits (back-pressure) when it is
-  spent. A waiting writer asks every session to stage its partial blocks, so idle sessions
-  cannot starve it.
+  spent. A waiting writer has partial blocks of any session staged, largest first, until
+  the uploads under way will free the room it needs: idle sessions cannot starve it, and
+  waking again while those uploads run stages nothing more (few Put Blocks, not a storm of
+  4 KiB ones).
 - Data of a STAGED block lives only in Azure's uncommitted list. Reading it back, or
   overwriting part of it, first commits the session (an implicit fsync): never a torn blob,
   never lost data, at the cost of one early commit in that rare case.
@@ -110,15 +112,18 @@ class DirtyBudget:
     ``used`` is changed only by ``adjust``, at the very places data enters or leaves
     memory, so it always equals the sum of the sessions' ``dirty_bytes``. ``wait_for_room``
     is the gate a writer passes first; it may overshoot by the writes already past it.
+    A waiting writer asks ``spill(need)`` for uploads that will free ``need`` bytes; the
+    buffer counts the uploads already under way, so waking again while they run stages
+    nothing more. Every stage that ends, landed or failed, wakes the waiters to look again.
     """
 
-    def __init__(self, limit: int, spill: Callable[[], None]) -> None:
+    def __init__(self, limit: int, spill: Callable[[int], None]) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
         self.waited_seconds = 0.0  # writers' time spent in wait_for_room (back-pressure)
         self._spill = spill
-        self._freed = trio.Event()
+        self._changed = trio.Event()
 
     async def wait_for_room(self, amount: int) -> None:
         if not (self.used and self.used + amount > self.limit):
@@ -126,8 +131,8 @@ class DirtyBudget:
         started = time.monotonic()
         try:
             while self.used and self.used + amount > self.limit:
-                self._spill()
-                await self._freed.wait()
+                self._spill(self.used + amount - self.limit)
+                await self._changed.wait()
         finally:
             self.waited_seconds += time.monotonic() - started
 
@@ -135,8 +140,11 @@ class DirtyBudget:
         self.used += delta
         self.peak = max(self.peak, self.used)
         if delta < 0:
-            self._freed.set()
-            self._freed = trio.Event()
+            self.wake()
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
 
 class WriteBuffer:
@@ -147,8 +155,9 @@ class WriteBuffer:
         self.driver = driver
         self.cache = cache
         self.block_size = block_size
-        self.budget = DirtyBudget(budget, self.spill_all)
+        self.budget = DirtyBudget(budget, self.spill)
         self.upload_limiter = trio.CapacityLimiter(upload_concurrency)
+        self.staging_bytes = 0  # DIRTY bytes whose Put Block is under way
         self.sessions: dict[int, WriteSession] = {}  # inode -> session
         self.commits = 0  # files committed, and commits that failed (since the mount)
         self.commit_failures = 0
@@ -198,9 +207,20 @@ class WriteBuffer:
         return sum(1 for session in self.sessions.values()
                    if session.changed and not session.deleted)
 
-    def spill_all(self) -> None:
-        for session in list(self.sessions.values()):
-            session.stage_partial()
+    def spill(self, need: int) -> None:
+        """Back-pressure: stage partial blocks, largest first, until the uploads under way
+        will free ``need`` bytes. Largest first, so a spill costs few Put Blocks: staging
+        every session's partial block on every wake made thousands of 4 KiB blocks."""
+        if self.staging_bytes >= need:
+            return
+        candidates = [(len(seg.data), index, session, seg)  # type: ignore[arg-type]
+                      for index, session in enumerate(self.sessions.values())
+                      for seg in session.spillable()]
+        candidates.sort(key=lambda candidate: candidate[:2], reverse=True)
+        for _, _, session, seg in candidates:
+            session.stage_soon(seg)
+            if self.staging_bytes >= need:
+                return
 
     async def commit_all(self, retry_failed: bool = True) -> int:
         """Commit every session with changes (shutdown), all at once; returns how many
@@ -318,7 +338,7 @@ class WriteSession:
 
     def _block_full(self, seg: Segment) -> None:
         if not self.append_mode:  # append mode sends Append Blocks at commit instead
-            self._stage_soon(seg)
+            self.stage_soon(seg)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -443,24 +463,24 @@ class WriteSession:
 
     # -- staging ---------------------------------------------------------------------------
 
-    def _stage_soon(self, seg: Segment) -> None:
+    def stage_soon(self, seg: Segment) -> None:
         if self.target_is_append or self.buffer.nursery is None or seg.frozen:
             return
         seg.frozen = True  # no copy: the bytes stay in the bytearray, never changed again
         self.inflight += 1
         self.idle = trio.Event() if self.inflight == 1 else self.idle
+        self.buffer.staging_bytes += len(seg.data)  # type: ignore[arg-type]
         self.buffer.nursery.start_soon(self._stage, seg)
 
-    def stage_partial(self) -> None:
-        """Budget pressure: upload every unfrozen DIRTY segment now, full or not."""
-        if self.append_mode or self.committing:
-            return  # a commit plans its blocks from the segments: no stage may change them
-        for seg in self.map.segments:
-            if seg.kind is Kind.DIRTY and not seg.frozen:
-                self._stage_soon(seg)
+    def spillable(self) -> list[Segment]:
+        """The DIRTY segments budget pressure may upload now, full or not."""
+        if self.append_mode or self.committing or self.target_is_append:
+            return []  # a commit plans its blocks from the segments: no stage may change them
+        return [seg for seg in self.map.segments if seg.kind is Kind.DIRTY and not seg.frozen]
 
     async def _stage(self, seg: Segment) -> None:
         block_id = self._new_block_id()
+        size = len(seg.data)  # type: ignore[arg-type]
         try:
             async with self.buffer.upload_limiter:
                 await self.driver.stage_block(self.name, block_id, seg.data)  # type: ignore[arg-type]
@@ -478,6 +498,8 @@ class WriteSession:
             self.inflight -= 1
             if self.inflight == 0:
                 self.idle.set()
+            self.buffer.staging_bytes -= size
+            self.buffer.budget.wake()  # a failed stage freed nothing: waiters look again
 
     # -- append blobs ----------------------------------------------------------------------
 
