@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from azregfs.fs import control
 # suite is built and run; a 6,000-object registry is uploaded; outages are waited out)
 # start first: with one module per worker (scripts/test), the longest ones then run beside
 # the rest instead of after it.
-LONGEST_FIRST = ("test_namespace.py", "test_distribution_suite.py", "test_faults.py",
-                 "test_walks.py")
+LONGEST_FIRST = ("test_big_directory.py", "test_distribution_suite.py", "test_namespace.py",
+                 "test_faults.py", "test_walks.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -134,6 +135,15 @@ def mount_factory(azurite: Azurite, tmp_path: Path) -> Iterator:
 def mnt(mount_factory, container: ContainerClient) -> Mount:
     """The default: a mount of a fresh, empty container."""
     return mount_factory(container.container_name)
+
+
+def create_blobs(container: ContainerClient, names: list[str], data: bytes = b"") -> None:
+    """Upload many small blobs with the SDK, 32 at a time."""
+    def upload(name: str) -> None:
+        container.upload_blob(name, data, overwrite=True)
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(upload, names))
 
 
 def blob_names(container: ContainerClient) -> list[str]:

@@ -19,19 +19,11 @@ from azure.storage.blob import (
     ContainerSasPermissions,
     generate_container_sas,
 )
-from conftest import Mount, blob_names, fsync_dir
+from conftest import Mount, blob_names, create_blobs, fsync_dir
 
 from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY
 
 MiB = 1024 * 1024
-
-
-def create_blobs(container: ContainerClient, names: list[str], data: bytes = b"") -> None:
-    def upload(name: str) -> None:
-        container.upload_blob(name, data, overwrite=True)
-
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(upload, names))
 
 
 def marker_metadata(container: ContainerClient, name: str) -> dict[str, str]:
@@ -239,17 +231,6 @@ def test_unshowable_names_are_skipped_with_a_warning(mount_factory,
 
 
 # -- listings and inodes -----------------------------------------------------------------------
-
-
-def test_a_directory_of_20000_blobs_lists_completely(mount_factory,
-                                                     container: ContainerClient) -> None:
-    names = [f"big/{index:05d}" for index in range(20000)]
-    create_blobs(container, names)
-    mnt = mount_factory(container.container_name)
-    listed = os.listdir(mnt.path / "big")
-    assert len(listed) == 20000
-    assert sorted(listed) == [name[4:] for name in names]
-    assert mnt.stats()["driver"]["requests"]["list"] >= 4  # pages of 5000
 
 
 def test_forgotten_inodes_are_dropped(mount_factory, container: ContainerClient) -> None:
