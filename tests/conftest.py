@@ -23,10 +23,11 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from azregfs.demo.azurite import Azurite
 from azregfs.fs import control
 
-# Modules that take minutes (Azurite takes 20,000 uploads in about 300 s; distribution's
-# suite is built and run; a 6,000-object registry is uploaded; outages are waited out)
-# start first: with one module per worker (scripts/test), the longest ones then run beside
-# the rest instead of after it.
+# Modules that take minutes (Azurite's uploads cost time quadratic in the blobs it holds;
+# distribution's suite is built and run; a 6,000-object registry is uploaded; outages are
+# waited out) start first: with one module per worker (scripts/test, which keeps this order:
+# xdist would otherwise start the modules with the most tests first), the longest ones then
+# run beside the rest instead of after it.
 LONGEST_FIRST = ("test_big_directory.py", "test_distribution_suite.py", "test_namespace.py",
                  "test_faults.py", "test_walks.py")
 
