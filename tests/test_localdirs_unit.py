@@ -69,8 +69,12 @@ def test_an_empty_tree_gets_one_marker_for_its_leaf_when_due() -> None:
     assert local.next_due() == 2
     assert local.due(now=1.9) == []
     assert local.due(now=2) == ["a/b/c"]  # a and a/b are parents of another unmarked dir
+    assert local.exists("a/b/c")  # until its marker lands
+    assert local.due(now=2.5) == []  # handed out once
+    local.visible("a/b/c")
     assert local.exists("a/x") and not local.exists("a/b")
     assert local.due(now=3) == ["a/x"]
+    local.visible("a/x")
     assert local.unmarked_count == 0
 
 
@@ -108,6 +112,8 @@ def test_too_many_unmarked_directories_are_due_early() -> None:
     for index in range(4):
         local.emptied(f"d{index}", now=index)
     assert local.due(now=0) == ["d0", "d1"]  # the oldest, so that two are left
+    local.visible("d0")
+    local.visible("d1")
     assert local.unmarked_count == 2
 
 
@@ -148,4 +154,22 @@ def test_a_marker_written_for_a_leaf_ends_what_its_ancestors_held() -> None:
     local.emptied("a/b/c", now=0)
     assert local.exists("a")
     assert local.due(now=5) == ["a/b/c"]
+    local.visible("a/b/c")
     assert not local.exists("a") and not local.exists("a/b/c")
+
+
+def test_a_directory_stays_listed_while_its_marker_is_put() -> None:
+    """x/y's last file renamed away: x/y's marker falls due. Until the put lands, Azure
+    shows neither x nor x/y, so this table must: a root listing made meanwhile showed no
+    x (seen in CI under load)."""
+    local = dirs()
+    local.emptied("x/y", now=0)
+    assert local.due(now=5) == ["x/y"]
+    assert local.exists("x") and local.exists("x/y")
+    assert local.unmarked_children("") == ["x"] and local.unmarked_children("x") == ["y"]
+    assert local.next_due() is None  # not handed out twice
+    local.postpone("x/y", now=5)  # the put failed: due again after the delay
+    assert local.next_due() == 7 and local.exists("x")
+    assert local.due(now=7) == ["x/y"]
+    local.visible("x/y")
+    assert not local.exists("x") and local.unmarked_children("") == []

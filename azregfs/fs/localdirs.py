@@ -26,6 +26,12 @@ Pure bookkeeping, no I/O: the namespace asks, then acts (lists, writes markers).
   Every ancestor of an unmarked directory exists here too, whatever Azure says (its last
   file may have been renamed away): ``exists`` and ``children`` answer for them, so that
   ``rmdir`` of such an ancestor is ENOTEMPTY and a listing shows the way down.
+
+  A directory whose marker is being written stays in the table (``due`` hands it out
+  once; ``visible`` or ``postpone`` ends the write) until Azure shows it: a listing made
+  while the put is in flight still shows it and its ancestors, and the put's own note of
+  the marker patches any listing made before. Dropped when the put began, the directory
+  was missing from a parent's listing for as long as the put took.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class LocalDirs(Generic[E]):
         self.max_unmarked = max_unmarked
         self._created: OrderedDict[str, _Created[E]] = OrderedDict()
         self._unmarked: dict[str, float] = {}  # path -> when its marker is due
+        self._writing: set[str] = set()  # unmarked directories whose marker is being put
         self._holding: Counter[str] = Counter()  # path -> unmarked directories below it
 
     # -- created directories -------------------------------------------------------------
@@ -108,6 +115,7 @@ class LocalDirs(Generic[E]):
         self._unmarked[path] = due
 
     def _drop_unmarked(self, path: str) -> None:
+        self._writing.discard(path)
         if self._unmarked.pop(path, None) is None:
             return
         for ancestor in ancestors(path):
@@ -160,20 +168,34 @@ class LocalDirs(Generic[E]):
 
     def due(self, now: float, under: str | None = None) -> list[str]:
         """Unmarked leaves whose marker is due now (all of them `under` a path, for fsyncdir
-        and unmount); they leave the table, and their unmarked ancestors with them."""
+        and unmount), handed out once: each stays in the table until ``visible`` (its
+        marker, or a child, shows it in Azure) or ``postpone`` (not written after all)."""
         overflow = len(self._unmarked) - self.max_unmarked
         oldest = sorted(self._unmarked.values())[overflow - 1] if overflow > 0 else None
         ready = [path for path, when in self._unmarked.items()
-                 if (under is not None and is_under(path, under)) or when <= now
-                 or (oldest is not None and when <= oldest)]
+                 if path not in self._writing and (
+                     (under is not None and is_under(path, under)) or when <= now
+                     or (oldest is not None and when <= oldest))]
         leaves = [path for path in ready if path not in self._holding]
-        for path in leaves:
-            self._drop_unmarked(path)
-            self.child_landed(path)  # its marker will make its ancestors visible too
+        self._writing.update(leaves)
         return leaves
 
+    def visible(self, path: str) -> None:
+        """Azure now shows path (its marker landed, or a child was found under it): it and
+        its ancestors leave the table."""
+        self._drop_unmarked(path)
+        self.child_landed(path)
+
+    def postpone(self, path: str, now: float) -> None:
+        """The marker handed out by ``due`` was not written (the put failed, or an rmdir or
+        rename of the path is under way and decides): due again after the delay."""
+        self._writing.discard(path)
+        if path in self._unmarked:
+            self._unmarked[path] = now + self.marker_delay
+
     def next_due(self) -> float | None:
-        return min(self._unmarked.values(), default=None)
+        return min((when for path, when in self._unmarked.items()
+                    if path not in self._writing), default=None)
 
     @property
     def unmarked_count(self) -> int:

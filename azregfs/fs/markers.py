@@ -89,7 +89,7 @@ class Markers:
         now = time.monotonic()
         for path in self.ns.local.due(now, under):
             if any(is_under(path, changing) for changing in self._changing):
-                self.ns.local.emptied(path, now)  # the rmdir or rename decides its fate
+                self.ns.local.postpone(path, now)  # the rmdir or rename decides its fate
                 continue
             self._marking[path] = done = trio.Event()
             try:
@@ -101,7 +101,8 @@ class Markers:
     async def _write_marker(self, path: str) -> None:
         try:
             if not await self.ns.is_empty(path):
-                return  # a child keeps it visible
+                self.ns.local.visible(path)  # a child keeps it visible
+                return
             node = self.ns.by_path.get(path)
             # Mode, owner and times set on the directory go into its marker.
             metadata = {**(node.metadata if node is not None else {}), MARKER_KEY: "true"}
@@ -109,11 +110,12 @@ class Markers:
         except (FSError, StorageError) as exc:
             log.warning("directory %s: could not write its marker (retried later): %s",
                         path, getattr(exc, "message", None) or exc)
-            self.ns.local.emptied(path, time.monotonic())
+            self.ns.local.postpone(path, time.monotonic())
             return
         if node is not None:
             node.marker = True
-        self.ns.note(path, Entry(True, info))
+        self.ns.note(path, Entry(True, info))  # before it leaves localdirs: no gap between
+        self.ns.local.visible(path)
         await self.drop_above(path)
 
     async def task(self) -> None:
