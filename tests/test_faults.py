@@ -904,3 +904,28 @@ def test_a_second_sigterm_stops_waiting_for_an_unreachable_storage(
     assert "SIGTERM again: unmounting now; 2 files with unsaved data lost" in mount.log()
     assert not mounted(mount.path)
     assert blob_names(container) == []
+
+
+def test_a_directory_stays_listed_while_its_marker_is_put(proxy: FaultProxy, azurite: Azurite,
+                                                          mount_factory,
+                                                          container: ContainerClient) -> None:
+    """x/y's last file is renamed away, so x/y's marker is put marker_delay later. While
+    that put is under way Azure shows neither x nor x/y: the mount must. It dropped them
+    when the put began, and CI's root listing showed no x (test_namespace.py's
+    test_a_directory_whose_last_file_was_renamed_away_keeps_its_parents, under load)."""
+    mnt = mount_through(proxy, azurite, mount_factory, container, "-o", "marker_delay=0.3")
+    os.makedirs(mnt.path / "x" / "y")
+    (mnt.path / "x" / "y" / "f").write_bytes(b"1")
+    os.rename(mnt.path / "x" / "y" / "f", mnt.path / "moved")
+    slow_puts = proxy.add_rule("latency", op="put", ms=4000)
+    time.sleep(1.5)  # the marker fell due and is being put; every listing has expired
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    assert slow_puts.fired == 1, "the marker's put should be under way"
+    assert sorted(os.listdir(mnt.path)) == ["moved", "x"]
+    assert os.listdir(mnt.path / "x") == ["y"]
+    deadline = time.monotonic() + 15
+    while blob_names(container) != ["moved", "x/y"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert blob_names(container) == ["moved", "x/y"]
+    assert sorted(os.listdir(mnt.path)) == ["moved", "x"]
