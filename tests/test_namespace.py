@@ -9,12 +9,15 @@ import os
 import stat
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from azure.storage.blob import (
+    BlobServiceClient,
     ContainerClient,
     ContainerSasPermissions,
     generate_container_sas,
@@ -233,31 +236,41 @@ def test_unshowable_names_are_skipped_with_a_warning(mount_factory,
 # -- listings and inodes -----------------------------------------------------------------------
 
 
-def test_forgotten_inodes_are_dropped(mount_factory, container: ContainerClient) -> None:
-    names = [f"d{top}/s{sub}/blob{index}" for top in range(4) for sub in range(10)
-             for index in range(75)]
-    create_blobs(container, names, b"x")
-    mnt = mount_factory(container.container_name)
+TREE = [f"d{top}/s{sub}/blob{index}" for top in range(4) for sub in range(10)
+        for index in range(75)]
+
+
+@pytest.fixture(scope="module")
+def tree(azurite) -> Iterator[ContainerClient]:
+    """3,000 one-byte blobs in 4 x 10 directories, uploaded once for the walks below, which
+    only read them (Azurite's uploads cost time quadratic in the blobs it holds)."""
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    client = service.get_container_client("t" + uuid.uuid4().hex[:20])
+    client.create_container()
+    create_blobs(client, TREE, b"x")
+    yield client
+    client.delete_container()
+
+
+def test_forgotten_inodes_are_dropped(mount_factory, tree: ContainerClient) -> None:
+    mnt = mount_factory(tree.container_name)
     found = subprocess.run(["find", str(mnt.path)], capture_output=True, text=True, check=True)
-    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(names)
+    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(TREE)
     walked = mnt.stats()["inodes"]
-    assert walked >= len(names)
+    assert walked >= len(TREE)
     assert wait_for(lambda: (drop_kernel_caches(), mnt.stats()["inodes"] < 100)[1]), (
         f"inodes after walk {walked}, after drop_caches {mnt.stats()['inodes']}")
 
 
 def test_a_walk_past_max_inodes_leaves_the_daemon_near_its_budget(mount_factory,
-                                                                  container: ContainerClient
+                                                                  tree: ContainerClient
                                                                   ) -> None:
     """Without memory pressure the kernel keeps every entry a walk met, and the daemon a
     node for each; past max_inodes the kernel is asked to drop the oldest (fs/budget.py),
     so a walk of a million blobs does not leave a million nodes behind (issue 17)."""
-    names = [f"d{top}/s{sub}/blob{index}" for top in range(4) for sub in range(10)
-             for index in range(75)]
-    create_blobs(container, names, b"x")
-    mnt = mount_factory(container.container_name, "-o", "max_inodes=500")
+    mnt = mount_factory(tree.container_name, "-o", "max_inodes=500")
     found = subprocess.run(["find", str(mnt.path)], capture_output=True, text=True, check=True)
-    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(names)
+    assert len(found.stdout.splitlines()) == 1 + 4 + 40 + len(TREE)
     assert wait_for(lambda: mnt.stats()["inodes"] <= 500), mnt.stats()["inodes"]
     assert mnt.stats()["inodes_asked_to_drop"] > 0
     # Only the kernel's copies went: the same names and bytes, answered from the listings.
