@@ -7,6 +7,7 @@ a tiny dirty budget so staging, back-pressure and block reuse all happen.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import random
 
@@ -15,9 +16,9 @@ import trio
 from azure.storage.blob import BlobBlock, ContainerClient
 
 from azregfs.config import Config
-from azregfs.fs.nodes import Node
+from azregfs.fs.nodes import FSError, Node
 from azregfs.read.blockcache import BlockCache
-from azregfs.storage.driver import Driver
+from azregfs.storage.driver import Driver, StorageError
 from azregfs.write.writebuffer import WriteBuffer
 
 KiB = 1024
@@ -200,3 +201,45 @@ def test_back_pressure_stages_big_parts_not_a_storm_of_small_ones(azurite, conta
     assert len(staged) <= 2 * writers * blocks_each, (len(staged), sorted(staged)[:20])
     for index in range(writers):
         assert container.download_blob(f"s{index}").readall() == b"x" * (blocks_each * BLOCK)
+
+
+async def writer_whose_stages_are_refused(cfg: Config) -> tuple[int, int | None]:
+    """Put Block refused at once (a read-only credential): returns how many stages were
+    tried and the errno the writer got."""
+    driver = Driver(cfg)
+    tried = 0
+
+    async def refused(name: str, block_id: str, data) -> None:
+        nonlocal tried
+        tried += 1
+        await trio.sleep(0)
+        raise StorageError(errno.EACCES, "This request is not authorized (403)")
+
+    driver.stage_block = refused  # type: ignore[method-assign]
+    cache = BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0)
+    buffer = WriteBuffer(driver, cache, BLOCK, BUDGET)
+    got = None
+    try:
+        async with trio.open_nursery() as nursery:
+            buffer.start(nursery)
+            session = buffer.open(Node(10, "ro", False), "ro", None)
+            with trio.fail_after(30):
+                try:
+                    for offset in range(0, 16 * BLOCK, 4 * KiB):
+                        await session.write(offset, b"x" * (4 * KiB))
+                        await trio.sleep(0)
+                except FSError as exc:
+                    got = exc.errno
+            nursery.cancel_scope.cancel()
+    finally:
+        driver.close()
+    return tried, got
+
+
+def test_a_writer_whose_stages_are_refused_gets_the_error_not_a_loop(azurite, container):
+    """A waiting writer must not hang on room its own failed stages cannot free, nor spill
+    them again as fast as Azure refuses them: its write reports the failure."""
+    cfg = Config(connection_string=azurite.connection_string, container=container.container_name)
+    tried, got = trio.run(writer_whose_stages_are_refused, cfg)
+    assert got == errno.EACCES
+    assert tried <= 2 * BUDGET // BLOCK, tried

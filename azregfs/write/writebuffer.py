@@ -29,9 +29,11 @@ Rules the code relies on:
 - Block IDs carry a random per-session token, so two writers of one blob never mix blocks,
   and have the length of the blob's existing IDs when there are any (Azure requires one
   length per blob), so a resumed upload reuses the committed blocks and sends only new data.
-- A failed stage or commit is kept in ``error`` and raised by the next flush/fsync (EIO);
-  the DIRTY data stays, so a later fsync can still succeed. The release after a failed
-  flush does not try again behind the application's back: it drops the data (WARNING).
+- A failed stage or commit is kept in ``error`` and raised by the next flush/fsync (EIO),
+  or by a write that waits for room in the budget (that session's data is no longer
+  spilled: it cannot make room); the DIRTY data stays, so a later fsync can still
+  succeed. The release after a failed flush does not try again behind the application's
+  back: it drops the data (WARNING).
 - While a commit uploads (``committing``), budget spills leave the session alone: the
   commit has planned its blocks from the segments. Reads copy memory before any await.
 - An append blob rewritten as a block blob (O_TRUNC, a write before its end) cannot stage
@@ -125,12 +127,15 @@ class DirtyBudget:
         self._spill = spill
         self._changed = trio.Event()
 
-    async def wait_for_room(self, amount: int) -> None:
+    async def wait_for_room(self, amount: int, check: Callable[[], None]) -> None:
+        """Wait until `amount` more bytes fit; `check` raises to stop waiting (the
+        writer's own staging failed: its data waits for the commit, so cannot make room)."""
         if not (self.used and self.used + amount > self.limit):
             return
         started = time.monotonic()
         try:
             while self.used and self.used + amount > self.limit:
+                check()
                 self._spill(self.used + amount - self.limit)
                 await self._changed.wait()
         finally:
@@ -356,7 +361,7 @@ class WriteSession:
             self._written()
             return len(data)
         if not self.target_is_append or self.append_mode:
-            await self.buffer.budget.wait_for_room(len(data))
+            await self.buffer.budget.wait_for_room(len(data), self._raise_staging_error)
         async with self.lock:
             self._check_growth(offset + len(data), self.append_mode and offset == self.map.size)
             if self.append_mode and offset != self.map.size:
@@ -473,9 +478,12 @@ class WriteSession:
         self.buffer.nursery.start_soon(self._stage, seg)
 
     def spillable(self) -> list[Segment]:
-        """The DIRTY segments budget pressure may upload now, full or not."""
-        if self.append_mode or self.committing or self.target_is_append:
-            return []  # a commit plans its blocks from the segments: no stage may change them
+        """The DIRTY segments budget pressure may upload now, full or not: none while a
+        commit plans its blocks from the segments, nor after a stage failed (the commit
+        stages them again, and reports the failure; spilled again at once, a refused stage
+        would loop as fast as Azure answers)."""
+        if self.append_mode or self.committing or self.target_is_append or self.error:
+            return []
         return [seg for seg in self.map.segments if seg.kind is Kind.DIRTY and not seg.frozen]
 
     async def _stage(self, seg: Segment) -> None:
