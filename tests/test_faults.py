@@ -917,14 +917,17 @@ def test_a_directory_stays_listed_while_its_marker_is_put(proxy: FaultProxy, azu
     os.makedirs(mnt.path / "x" / "y")
     (mnt.path / "x" / "y" / "f").write_bytes(b"1")
     os.rename(mnt.path / "x" / "y" / "f", mnt.path / "moved")
-    slow_puts = proxy.add_rule("latency", op="put", ms=4000)
-    time.sleep(1.5)  # the marker fell due and is being put; every listing has expired
+    slow_puts = proxy.add_rule("latency", op="put", ms=6000)
+    deadline = time.monotonic() + 10
+    while not slow_puts.fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow_puts.fired == 1, "the marker's put should be under way"
+    time.sleep(1.2)  # past dir_timeout: no listing from before the put answers
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("2\n")
-    assert slow_puts.fired == 1, "the marker's put should be under way"
     assert sorted(os.listdir(mnt.path)) == ["moved", "x"]
     assert os.listdir(mnt.path / "x") == ["y"]
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 20
     while blob_names(container) != ["moved", "x/y"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert blob_names(container) == ["moved", "x/y"]
