@@ -4,7 +4,9 @@ directory visible in Azure, written late and removed early.
 Invariants:
 - A marker is written only for a directory still empty when it falls due
   (``marker_delay`` after it was made or emptied here, at its ``fsyncdir`` or at unmount;
-  which directories and when: localdirs.py), and only for leaves.
+  which directories and when: localdirs.py), and only for leaves. One whose files are
+  still being created is neither marked nor forgotten: Azure shows nothing under it until
+  their commit, so this mount keeps showing it (postponed, looked at again later).
 - A real blob landing under a directory deletes the markers above it (``drop_above``), so a
   registry's tree carries none.
 - No marker put races an rmdir or a rename of its directory: those run inside
@@ -99,6 +101,11 @@ class Markers:
                 done.set()
 
     async def _write_marker(self, path: str) -> None:
+        if self.ns.pending.get(path):
+            # Files being created in it are not in Azure until committed: it stays shown
+            # from here (their commit ends that, drop_above), and is looked at again later.
+            self.ns.local.postpone(path, time.monotonic())
+            return
         try:
             if not await self.ns.is_empty(path):
                 self.ns.local.visible(path)  # a child keeps it visible
