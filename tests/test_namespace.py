@@ -144,6 +144,28 @@ def test_removing_the_last_file_of_an_implicit_directory(mount_factory,
     assert os.path.isdir(mnt.path / "x" / "y")
 
 
+def test_a_new_directory_stays_while_its_first_file_is_written(mount_factory,
+                                                               container: ContainerClient
+                                                               ) -> None:
+    """mkdir d, then a long write of d/f: until f is committed Azure has nothing under d, so
+    this mount must keep showing d. Its marker, falling due meanwhile, was skipped as "not
+    empty" (f is pending) and d was dropped: the root's next listing had no d, and stat d
+    was ENOENT while a file in it was being written."""
+    mnt = mount_factory(container.container_name, "-o", "marker_delay=0.3")
+    os.mkdir(mnt.path / "d")
+    with open(mnt.path / "d" / "f", "wb") as writer:
+        writer.write(b"first part")
+        writer.flush()
+        time.sleep(1.5)  # past marker_delay and dir_timeout
+        drop_kernel_caches()
+        assert os.listdir(mnt.path) == ["d"]
+        assert os.path.isdir(mnt.path / "d")
+        assert blob_names(container) == []  # nothing committed yet, no marker either
+        writer.write(b", then the rest")
+    assert blob_names(container) == ["d/f"]
+    assert (mnt.path / "d" / "f").read_bytes() == b"first part, then the rest"
+
+
 def test_a_directory_whose_last_file_was_renamed_away_keeps_its_parents(
         mnt: Mount, container: ContainerClient) -> None:
     """distribution's suite (issue 15): x/y/f is moved out, then x is RemoveAll'ed. Go's
