@@ -26,6 +26,12 @@ BLOCK = 64 * KiB
 BUDGET = 4 * BLOCK
 
 
+def tiny_buffer(driver: Driver) -> WriteBuffer:
+    """A write buffer of BLOCK-sized blocks and a BUDGET of four of them."""
+    return WriteBuffer(driver, BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0),
+                       BLOCK, BUDGET)
+
+
 def make_base(container: ContainerClient, kind: str, rng: random.Random) -> bytes:
     data = rng.randbytes(rng.randrange(1, 6 * BLOCK))
     blob = container.get_blob_client("f")
@@ -52,8 +58,7 @@ async def run_scenario(cfg: Config, container: ContainerClient, kind: str, seed:
     rng = random.Random(seed)
     model = bytearray(make_base(container, kind, rng))
     driver = Driver(cfg)
-    cache = BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0)
-    buffer = WriteBuffer(driver, cache, BLOCK, BUDGET)
+    buffer = tiny_buffer(driver)
     try:
         async with trio.open_nursery() as nursery:
             buffer.start(nursery)
@@ -89,7 +94,7 @@ async def run_scenario(cfg: Config, container: ContainerClient, kind: str, seed:
                 elif op == "read":
                     offset = rng.randrange(0, len(model) + 1)
                     size = rng.randrange(1, 3 * BLOCK)
-                    got = await session.read(offset, size, cache)
+                    got = await session.read(offset, size, buffer.cache)
                     assert got == bytes(model[offset:offset + size]), (kind, seed, step)
                 else:
                     await session.commit()
@@ -123,8 +128,7 @@ def test_random_operations_match_model(azurite, container, kind, seed):
 
 async def two_writers(cfg: Config) -> tuple[int, list[bytes]]:
     driver = Driver(cfg)
-    cache = BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0)
-    buffer = WriteBuffer(driver, cache, BLOCK, BUDGET)
+    buffer = tiny_buffer(driver)
     payloads = [random.Random(i).randbytes(40 * BLOCK + 17) for i in range(3)]
     try:
         async with trio.open_nursery() as nursery:
@@ -167,8 +171,7 @@ async def many_small_writers(cfg: Config, writers: int, blocks_each: int) -> lis
         await stage_block(name, block_id, data)
 
     driver.stage_block = counting_stage_block  # type: ignore[method-assign]
-    cache = BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0)
-    buffer = WriteBuffer(driver, cache, BLOCK, BUDGET)
+    buffer = tiny_buffer(driver)
     try:
         async with trio.open_nursery() as nursery:
             buffer.start(nursery)
@@ -216,8 +219,7 @@ async def writer_whose_stages_are_refused(cfg: Config) -> tuple[int, int | None]
         raise StorageError(errno.EACCES, "This request is not authorized (403)")
 
     driver.stage_block = refused  # type: ignore[method-assign]
-    cache = BlockCache(driver, BLOCK, 64 * BLOCK, 0, stats_interval=0)
-    buffer = WriteBuffer(driver, cache, BLOCK, BUDGET)
+    buffer = tiny_buffer(driver)
     got = None
     try:
         async with trio.open_nursery() as nursery:
