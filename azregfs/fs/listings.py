@@ -43,7 +43,7 @@ SMALL_LISTING = 1000  # entries a lookup miss may list to answer from the parent
 FLAT_LOOKUP = 1000  # blobs a lookup miss may list flat to fill its parent's whole subtree
 
 
-@dataclass
+@dataclass(eq=False)  # told apart by identity: list.remove() must take this one
 class _Fetch:
     """A listing being fetched: our changes to its directory since the fetch began."""
 
@@ -54,7 +54,7 @@ class _Fetch:
 _SOME_DIR = Entry(True, None)  # a fetch's record: this name is a directory (keep a marker's)
 
 
-@dataclass
+@dataclass(eq=False)  # told apart by identity (watchers.remove in scans.py)
 class Watch:
     """Our changes noted while a walk's flat page was fetched: the directories they touched
     (a name added or removed), and the subtrees changed whole (a directory removed or
