@@ -55,8 +55,10 @@ class InodeBudget:
         victims = self._oldest(excess + self.max_inodes // 10)
         if not victims:
             return
-        not_held = await trio.to_thread.run_sync(_invalidate, victims, abandon_on_cancel=True)
+        # Counted before asking: the kernel's FORGETs arrive while the thread still asks, so
+        # the nodes may be under budget before it returns.
         self.asked += len(victims)
+        not_held = await trio.to_thread.run_sync(_invalidate, victims, abandon_on_cancel=True)
         self.not_held += not_held
         log.debug("inode budget: %d nodes, max_inodes %d: asked the kernel to drop %d "
                   "entries (%d it no longer held)", self.ns.size, self.max_inodes,
