@@ -20,8 +20,10 @@ so the proxy's own cost (it shares the machine's cores with Azurite) shows next 
 
 After the cold pull, the same mount pulls again ("mount pull warm": its page cache, block
 cache and listings), then a fresh mount serves `--clients` pulls of the image at once
-("mount pull x8": do they share their GETs?). `--profile DIR` samples the daemon with
-py-spy during each mount step and prints where its seconds went.
+("mount pull x8": do they share their GETs?). Last, "mount pull run-in": a cold pull (every
+byte from Azure) by a fresh mount that has first read other data as large as its block
+cache, as a long-running mount has: its memory is already faulted in. `--profile DIR`
+samples the daemon with py-spy during each mount step and prints where its seconds went.
 
 The CPU table gives the seconds each process spent during each push and pull: Azurite,
 the registry, the daemon, skopeo, and this process (the proxy runs in it). Their sum over
@@ -50,6 +52,7 @@ import common
 from azure.storage.blob import BlobServiceClient
 from common import CpuMeter, hot_spots, process_tree, profiled
 
+from azregfs.config import Config, parse_size
 from azregfs.demo.azurite import Azurite
 from azregfs.demo.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
 from testkit.faultproxy import FaultProxy
@@ -121,6 +124,20 @@ def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
             lambda: skopeo_copy(reference, f"oci:{pulled}:{image.tag}"))
     results["cpu"][f"{label} pull"] = cpu.used
     assert read_image(pulled, image.tag).digests == image.digests
+
+
+def cache_bytes(options: str) -> int:
+    """The mount's cache_size under these -o options."""
+    for option in options.split(","):
+        name, _, value = option.partition("=")
+        if name.strip() == "cache_size":
+            return parse_size(value)
+    return Config.cache_size
+
+
+def drop_page_cache() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def pull_once(registry: Registry, image: Image, label: str, into: Path) -> None:
@@ -241,6 +258,20 @@ def measure(layers_mib: list[float], latency_ms: float, workdir: Path,
                 remount()
                 step(f"mount pull x{clients}", lambda: pull_concurrently(
                     state["registry"], image, "mount", workdir, clients))
+            # Cold data on a daemon that has run in: a fresh mount first reads other data
+            # as large as its block cache, then the page cache is dropped. A fresh process
+            # pays a page fault for each page of memory it caches for the first time (0.2
+            # CPU-s per 256 MiB here, bench/fuse_floor.py's machine); a long-running mount
+            # reuses the memory of the blocks it evicts.
+            filler = BlobServiceClient.from_connection_string(azurite.connection_string) \
+                .get_container_client("bench-mount").get_blob_client("run-in")
+            filler.upload_blob(os.urandom(cache_bytes(options)), overwrite=True,
+                               max_concurrency=4)
+            remount()
+            subprocess.run(["cat", str(mnt / "run-in")], stdout=subprocess.DEVNULL, check=True)
+            drop_page_cache()
+            step("mount pull run-in", lambda: pull_once(state["registry"], image, "mount",
+                                                        workdir / "pulled-run-in"))
         finally:
             state["registry"].stop()
             state["mount"].unmount()
