@@ -545,6 +545,11 @@ class _Handler(BaseHTTPRequestHandler):
     # -- dispatch
 
     def _handle(self) -> None:
+        if self.path.startswith("http://"):
+            # The absolute form: a client using this as its HTTP proxy (HTTP_PROXY). It is
+            # served like any other request, to the upstream this proxy stands before.
+            target = urlsplit(self.path)
+            self.path = (target.path or "/") + (f"?{target.query}" if target.query else "")
         try:
             if self.path.startswith(CONTROL):
                 self._control()

@@ -342,3 +342,37 @@ def test_background_daemon_keeps_the_key_out_of_cmdline(
     (mountpoint / "f").write_bytes(b"x")
     assert_key_not_leaked(pid, log_file.read_text())
     assert run_cli("unmount", str(mountpoint), env=no_azure_env(), timeout=90).returncode == 0
+
+
+# -- the environment's HTTP proxy ---------------------------------------------------------
+
+
+def proxy_env(proxy_url: str, no_proxy: str) -> dict[str, str]:
+    """HTTP(S)_PROXY and NO_PROXY in both spellings (the lower case one wins in requests)."""
+    env: dict[str, str] = {}
+    for name in ("http_proxy", "https_proxy"):
+        env[name] = env[name.upper()] = proxy_url
+    env["no_proxy"] = env["NO_PROXY"] = no_proxy
+    return env
+
+
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"])
+def test_the_environments_http_proxy_carries_every_request_unless_no_proxy_names_the_endpoint(
+        mount_factory, azurite: Azurite, container: ContainerClient, no_proxy: str) -> None:
+    """As every HTTP client an operator knows: HTTP_PROXY is used, NO_PROXY is honoured
+    (read once at start, not on every request)."""
+    from testkit.faultproxy import FaultProxy
+
+    with FaultProxy(azurite.port) as proxy:
+        mnt = mount_factory(container.container_name,
+                            env=proxy_env(proxy.url, no_proxy))
+        (mnt.path / "f").write_bytes(b"through the proxy")
+        assert (mnt.path / "f").read_bytes() == b"through the proxy"
+        assert container.download_blob("f").readall() == b"through the proxy"
+        seen = proxy.counts()
+        if no_proxy:
+            assert not seen, seen
+        else:
+            assert seen.get("put", 0) >= 1 and seen.get("list", 0) >= 1, seen
+            counted = mnt.stats()["driver"]["requests"]  # (the start's probe is not in it)
+            assert all(seen.get(op, 0) >= count for op, count in counted.items()), (seen, counted)
