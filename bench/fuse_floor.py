@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import shutil
 import stat
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,56 +42,103 @@ from common import cpu_seconds, start_mount, stop_mount  # noqa: E402
 
 from azregfs.config import parse_size  # noqa: E402
 from azregfs.demo.azurite import Azurite  # noqa: E402
+from azregfs.fs import control  # noqa: E402
 
 MiB = 1024 * 1024
 FILE_INODE = 2
 
 
-def serve_null(mountpoint: str, size: int) -> None:
-    """The null file system (runs in the child process)."""
+LINK = b"sha256:" + b"0" * 64  # a registry link file: 71 bytes
+TREE_INODE = 3  # "w", the tree a walk goes through: w/dNNNNNN/link
+
+
+def serve_null(mountpoint: str, size: int, dirs: int, counts_path: str) -> None:
+    """The null file system (runs in the child process): the file "f" of `size` bytes,
+    and "w", a tree of `dirs` directories holding a link file each. Its count of requests
+    by operation lands in counts_path when it is unmounted."""
     import pyfuse3
     import trio
 
     zeros = bytes(1 << 20)
+    counts: dict[str, int] = {}
+
+    def counted(handler):  # type: ignore[no-untyped-def]
+        async def wrapper(*args):  # type: ignore[no-untyped-def]
+            counts[handler.__name__] = counts.get(handler.__name__, 0) + 1
+            return await handler(*args)
+        return wrapper
 
     class Null(pyfuse3.Operations):
-        def __init__(self) -> None:
-            super().__init__()
-            self.size = size
-
+        # Directory i of the tree is inode 10 + 2i, its link 11 + 2i.
         def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
             entry = pyfuse3.EntryAttributes()
             entry.st_ino = inode
-            entry.st_mode = (stat.S_IFDIR | 0o755) if inode == pyfuse3.ROOT_INODE \
-                else (stat.S_IFREG | 0o644)
-            entry.st_size = 0 if inode == pyfuse3.ROOT_INODE else self.size
+            directory = inode in (pyfuse3.ROOT_INODE, TREE_INODE) or \
+                (inode >= 10 and inode % 2 == 0)
+            entry.st_mode = (stat.S_IFDIR | 0o755) if directory else (stat.S_IFREG | 0o644)
+            entry.st_size = 0 if directory else size if inode == FILE_INODE else len(LINK)
             entry.st_nlink = 1
-            entry.attr_timeout = entry.entry_timeout = 300
+            # azregfs's defaults: entry_timeout and attr_timeout 1 s
+            entry.attr_timeout = entry.entry_timeout = 1.0
             return entry
 
+        def _children(self, inode: int) -> list[tuple[bytes, int]]:
+            if inode == pyfuse3.ROOT_INODE:
+                return [(b"f", FILE_INODE), (b"w", TREE_INODE)]
+            if inode == TREE_INODE:
+                return [(b"d%06d" % i, 10 + 2 * i) for i in range(dirs)]
+            return [(b"link", inode + 1)]
+
+        @counted
         async def getattr(self, inode, ctx=None):  # type: ignore[no-untyped-def]
             return self._attr(inode)
 
+        @counted
         async def lookup(self, parent, name, ctx=None):  # type: ignore[no-untyped-def]
-            if parent != pyfuse3.ROOT_INODE or name != b"f":
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attr(FILE_INODE)
+            for child, inode in self._children(parent) if parent != FILE_INODE else ():
+                if child == name:
+                    return self._attr(inode)
+            raise pyfuse3.FUSEError(errno.ENOENT)
 
+        @counted
+        async def opendir(self, inode, ctx):  # type: ignore[no-untyped-def]
+            return inode
+
+        @counted
+        async def readdir(self, fh, start_id, token):  # type: ignore[no-untyped-def]
+            children = self._children(fh)
+            for index in range(start_id, len(children)):
+                name, inode = children[index]
+                if not pyfuse3.readdir_reply(token, name, self._attr(inode), index + 1):
+                    return
+
+        @counted
+        async def releasedir(self, fh):  # type: ignore[no-untyped-def]
+            pass
+
+        @counted
         async def setattr(self, inode, attr, fields, fh, ctx):  # type: ignore[no-untyped-def]
             return self._attr(inode)
 
+        @counted
         async def open(self, inode, flags, ctx):  # type: ignore[no-untyped-def]
-            return pyfuse3.FileInfo(fh=1)
+            return pyfuse3.FileInfo(fh=inode)
 
+        @counted
         async def write(self, fh, off, buf):  # type: ignore[no-untyped-def]
             return len(buf)
 
-        async def read(self, fh, off, size):  # type: ignore[no-untyped-def]
-            return zeros[:max(0, min(size, self.size - off))]
+        @counted
+        async def read(self, fh, off, length):  # type: ignore[no-untyped-def]
+            if fh != FILE_INODE:
+                return LINK[off:off + length]
+            return zeros[:max(0, min(length, size - off))]
 
+        @counted
         async def flush(self, fh):  # type: ignore[no-untyped-def]
             pass
 
+        @counted
         async def release(self, fh):  # type: ignore[no-untyped-def]
             pass
 
@@ -98,6 +147,29 @@ def serve_null(mountpoint: str, size: int) -> None:
         trio.run(pyfuse3.main)
     finally:
         pyfuse3.close(unmount=True)
+        Path(counts_path).write_text(json.dumps(counts))
+
+
+WALK = """
+import os, sys
+def walk(path):
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                walk(entry.path)
+            else:
+                with open(entry.path, "rb") as f:
+                    f.read()
+walk(sys.argv[1])
+"""
+
+
+def walk(pid: int, path: Path) -> float:
+    """CPU of `pid` while a walk lists every directory under `path` and reads every file
+    (as garbage-collect does with link files)."""
+    before = cpu_seconds(pid)
+    subprocess.run([sys.executable, "-c", WALK, str(path)], check=True)
+    return cpu_seconds(pid) - before
 
 
 def write(pid: int, path: Path, size: int, bs: int) -> float:
@@ -140,27 +212,54 @@ def wait_mounted(path: Path, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+class NullMount:
+    """The null file system, mounted by a child process, while the block runs."""
+
+    def __init__(self, path: Path, size: int, dirs: int) -> None:
+        self.path, self.size, self.dirs = path, size, dirs
+        self.counts_path = path.with_suffix(".counts.json")
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> NullMount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.child = subprocess.Popen([sys.executable, __file__, "--serve-null", str(self.path),
+                                       str(self.size), str(self.dirs), str(self.counts_path)])
+        wait_mounted(self.path)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+        self.child.wait(timeout=30)
+        self.counts = json.loads(self.counts_path.read_text())
+
+
+def upload_tree(container: ContainerClient, dirs: int) -> None:
+    """w/dNNNNNN/link for each directory, as the null file system shows them."""
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: container.upload_blob(f"w/d{i:06d}/link", LINK),
+                      range(dirs)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="256M")
     parser.add_argument("--bs", default="4k,32k,1M")
+    parser.add_argument("--dirs", type=int, default=1000,
+                        help="directories of the walk, each holding one 71-byte file")
     args = parser.parse_args()
     size = parse_size(args.size)
     sizes = [parse_size(b) for b in args.bs.split(",")]
     work = Path(tempfile.mkdtemp(prefix="fuse-floor-"))
     rows: dict[int, dict[str, tuple[float, float]]] = {bs: {} for bs in sizes}
+    walks: dict[str, tuple[float, int]] = {}  # CPU seconds, FUSE requests
 
-    null_mnt = work / "null"
-    null_mnt.mkdir()
-    child = subprocess.Popen([sys.executable, __file__, "--serve-null", str(null_mnt), str(size)])
-    try:
-        wait_mounted(null_mnt)
+    with NullMount(work / "null", size, args.dirs) as null:
         for bs in sizes:
-            rows[bs]["null"] = (write(child.pid, null_mnt / "f", size, bs),
-                                read(child.pid, null_mnt / "f"))
-    finally:
-        subprocess.run(["fusermount3", "-u", str(null_mnt)], check=False)
-        child.wait(timeout=30)
+            rows[bs]["null"] = (write(null.child.pid, null.path / "f", size, bs),
+                                read(null.child.pid, null.path / "f"))
+    with NullMount(work / "null-walk", size, args.dirs) as null:
+        cpu = walk(null.child.pid, null.path / "w")
+    walks["null"] = (cpu, sum(null.counts.values()))
 
     with Azurite() as azurite:
         container = BlobServiceClient.from_connection_string(azurite.connection_string) \
@@ -179,6 +278,17 @@ def main() -> None:
                 finally:
                     stop_mount(path, daemon)
             rows[bs]["azregfs"] = (written, read_back)
+        upload_tree(container, args.dirs)
+        path = work / "azregfs-walk"
+        daemon = start_mount(azurite, "floor", path, "", work / "walk.log")
+        try:
+            for label in ("azregfs cold", "azregfs warm"):
+                before = json.loads(control.read(path, "stats"))["fuse"]["operations"]
+                cpu = walk(daemon.pid, path / "w")
+                after = json.loads(control.read(path, "stats"))["fuse"]["operations"]
+                walks[label] = (cpu, sum(after.values()) - sum(before.values()))
+        finally:
+            stop_mount(path, daemon)
 
     print(f"{size // MiB} MiB written with dd bs=BS (conv=fsync), then read with bs=1M; "
           "(the read through a fresh mount); CPU seconds of the file system's process")
@@ -192,11 +302,18 @@ def main() -> None:
         print(f"{bs // 1024:>5}k {writes:>8} {null_w:>7.2f} {az_w:>8.2f} "
               f"{az_w / max(null_w, 0.01):>6.1f}   {null_w / writes * 1e6:>14.0f} "
               f"{az_w / writes * 1e6:>8.0f}   {null_r:>9.2f} {az_r:>8.2f}")
+    print(f"\nwalk of {args.dirs} directories, each with one 71-byte file read "
+          "(the shape of a registry's link files); the cold walk on a fresh mount, the warm "
+          "one right after it")
+    print(f"{'':14s} {'CPU s':>7} {'requests':>9} {'µs/request':>11} {'ms/directory':>13}")
+    for label, (cpu, requests) in walks.items():
+        print(f"{label:14s} {cpu:>7.2f} {requests:>9} {cpu / max(requests, 1) * 1e6:>11.0f} "
+              f"{cpu / args.dirs * 1e3:>13.3f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--serve-null":
-        serve_null(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--serve-null":
+        serve_null(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     else:
         main()
