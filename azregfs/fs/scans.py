@@ -22,7 +22,9 @@ Invariants:
   (listings.py). A directory whose listing expired is refreshed with what the walk will read
   next (``_refresh``): its whole page again, from the page's continuation marker, when the
   walk is fast enough to use it; else the biggest subtree around it that the page held
-  whole, flat. Never each directory by itself. The pages after a refetched page are
+  whole, flat, if it holds at least a quarter of what the walk will cross in two
+  dir_timeouts (at most twice the requests of the page again); else the page. Never each
+  small directory by itself. The pages after a refetched page are
   forgotten, as their boundaries may have moved. So is a fresh page whose listings the
   cache pushed out (a walk bigger than listing_cache_size) while this mount changed
   nothing: its page again, not a level listing of each directory.
@@ -271,7 +273,11 @@ class Scans:
                         scan.locate(prefix) != where or _span(page, prefix) > need:
                     break
                 top = ancestor
-            if await self.lists.subtree_if_small(top, LIST_PAGE) is not None:
+            # A subtree that covers less than a quarter of what the walk will cross costs
+            # more than twice the requests of the page again (which serves all of it): a
+            # walk through many small directories would list each by itself.
+            if _span(page, self.lists.dir_prefix(top)) * 4 >= need and \
+                    await self.lists.subtree_if_small(top, LIST_PAGE) is not None:
                 return
         await self._fetch(scan, where)
         if where < len(scan.pages):
