@@ -11,13 +11,15 @@ runs is pinned by tests/test_scans_unit.py. bench/gc.py measures the same steps 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import need
+from conftest import create_blobs, need
 
 from azregfs.demo.oci import registry_config
 from testkit import synthetic
@@ -97,3 +99,34 @@ def test_find_and_du_cost_a_request_per_page_not_per_directory(mount_factory, co
                         check=True, capture_output=True, text=True).stdout.split()[0]
     assert int(du) >= sum(len(data) for data in registry_data.objects.values())
     assert spent(mnt, before) == {}  # the same walk, while fresh: nothing
+
+
+def read_every_file(root: Path) -> int:
+    """A walk in name order that reads each file before going on, as garbage-collect does."""
+    count = 0
+    for entry in sorted(os.scandir(root), key=lambda entry: entry.name):
+        if entry.is_dir(follow_symlinks=False):
+            count += read_every_file(Path(entry.path))
+        else:
+            Path(entry.path).read_bytes()
+            count += 1
+    return count
+
+
+def test_a_walk_slower_than_dir_timeout_costs_requests_per_dir_timeout_not_per_directory(
+        mount_factory, container) -> None:
+    """Directories of one file each (a registry's _layers links), walked while listings
+    expire: the first listing comes from a lookup's flat listing of the small subtree, and
+    its expiry was refreshed one directory at a time (792 LISTs for 1,000 directories in
+    bench/fuse_floor.py's walk). It is a scan's page now, refreshed whole."""
+    count, dir_timeout = 300, 0.2
+    create_blobs(container, [f"w/d{i:04}/link" for i in range(count)], b"sha256:" + b"0" * 64)
+    mnt = mount_factory(container.container_name, "-o", f"dir_timeout={dir_timeout}")
+    before = requests(mnt)
+    started = time.monotonic()
+    assert read_every_file(mnt.path / "w") == count
+    windows = (time.monotonic() - started) / dir_timeout
+    walked = spent(mnt, before)
+    print(f"{count} directories in {windows:.1f} dir_timeouts: {walked}")
+    assert windows > 3, "the walk should outlast its listings"
+    assert walked.get("list", 0) <= 2 + 2 * windows, walked

@@ -26,6 +26,7 @@ Code between two ``await``s is atomic (trio): the tables are only mutated synchr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -179,11 +180,15 @@ class Listings:
         self.small_dirs[path] = True
         return entries
 
-    async def subtree_if_small(self, path: str, limit: int) -> dict[str, Entry] | None:
+    async def subtree_if_small(
+        self, path: str, limit: int,
+        listed: Callable[[list[BlobInfo], float, int], None] | None = None,
+    ) -> dict[str, Entry] | None:
         """The directory's listing from a flat LIST of everything under it, when it holds at
-        most `limit` blobs; every directory below is cached too. Else None (and a subtree
+        most `limit` blobs; every directory below is cached too, and `listed` is told the
+        blobs, when they were asked for and the generation then. Else None (and a subtree
         too big for `limit` is not listed flat again at that limit for a while)."""
-        generation = self.generation
+        generation, asked_at = self.generation, time.monotonic()
         try:
             blobs = await self.driver.list_subtree_small(self.dir_prefix(path), limit)
         except StorageError as exc:
@@ -199,6 +204,8 @@ class Listings:
         for directory, entries in listings.items():
             self.keep(directory, entries)
             self.small_dirs[directory] = True
+        if listed is not None:
+            listed(blobs, asked_at, generation)
         return listings[path]
 
     def keep(self, path: str, entries: dict[str, Entry]) -> None:

@@ -287,7 +287,9 @@ class Namespace:
         if self.lists.may_list_flat(parent, FLAT_LOOKUP):
             # One flat LIST of a small subtree answers this name and every lookup below
             # the parent for dir_timeout (a registry pull walks one repository this way).
-            listing = await self.lists.subtree_if_small(parent, FLAT_LOOKUP)
+            listing = await self.lists.subtree_if_small(
+                parent, FLAT_LOOKUP,
+                lambda blobs, at, generation: self.scans.adopt(parent, blobs, at, generation))
             if listing is not None:
                 return listing.get(name)
         if self.lists.is_small(parent):

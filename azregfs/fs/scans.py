@@ -30,6 +30,9 @@ Invariants:
   nothing: its page again, not a level listing of each directory.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
   directories it touched out of the cache (the page may predate the change).
+- A lookup's flat listing of a small subtree (Namespace._ask) is adopted as the one page
+  of a scan of that subtree (``adopt``): a walk through it after its listings expired
+  finds that scan, not none (which started a scan at each directory it came to).
 - Lookups use scans too (``for_lookup``): the one that covers the directory, or one
   started at its parent once lookups missed in HOT_SIBLINGS of its children within
   dir_timeout. A lookup never fetches pages ahead, and refreshes a page it needed twice
@@ -54,7 +57,7 @@ from dataclasses import dataclass, field
 import cachetools
 import trio
 
-from ..storage.driver import LIST_PAGE, StorageError
+from ..storage.driver import LIST_PAGE, BlobInfo, StorageError
 from .listings import Listings, Watch
 from .nodes import Entry, FSError, ancestors, is_under, parent_of
 
@@ -176,6 +179,16 @@ class Scans:
         (started here if none does), or None: the caller lists it by level."""
         scan = self.covering(path) or self._start(path)
         return await self._answer(scan, path, walking=True)
+
+    def adopt(self, path: str, blobs: list[BlobInfo], asked_at: float, generation: int) -> None:
+        """A lookup's flat listing of a whole small subtree (Namespace._ask) becomes the one
+        page of a scan of it. Without one, a walk through that subtree found no scan once its
+        listings expired, and started one at each directory: a request per directory."""
+        scan = self._start(path)
+        stride = max(1, len(blobs) // SAMPLES)
+        scan.pages.append(Page(None, blobs[-1].name if blobs else None, None, asked_at,
+                               len(blobs), stride, [blob.name for blob in blobs[::stride]],
+                               generation=generation))
 
     async def for_lookup(self, path: str) -> dict[str, Entry] | None:
         """A lookup's listing of the directory, from a scan that covers it or one started
