@@ -1,0 +1,80 @@
+"""The listing cache (azregfs/fs/listings.py, ListingCache) on a clock of its own: each
+listing lives dir_timeout from when it was kept, the least recently used goes first past
+the byte budget, and a replaced listing's old deadline never takes the new one."""
+
+from __future__ import annotations
+
+from azregfs.fs.listings import ListingCache, _listing_bytes
+from azregfs.fs.nodes import Entry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def listing(*names: str) -> dict[str, Entry]:
+    return {name: Entry(False, None) for name in names}
+
+
+def test_a_listing_is_answered_for_ttl_from_when_it_was_kept() -> None:
+    clock = Clock()
+    cache = ListingCache(maxsize=1 << 20, ttl=1.0, timer=clock)
+    cache["d"] = listing("a")
+    clock.now += 0.99
+    assert cache.get("d") == listing("a")  # a get does not make it live longer
+    clock.now += 0.01
+    assert cache.get("d") is None and "d" not in cache
+    assert cache.currsize == 0 and len(cache) == 0
+
+
+def test_a_replaced_listing_lives_from_its_own_keeping_not_the_old_ones() -> None:
+    clock = Clock()
+    cache = ListingCache(maxsize=1 << 20, ttl=1.0, timer=clock)
+    cache["d"] = listing("a")
+    clock.now += 0.6
+    cache["d"] = listing("a", "b")
+    clock.now += 0.6  # past the first deadline, within the second
+    cache["other"] = listing("x")  # expiry runs as listings are kept
+    assert cache.get("d") == listing("a", "b")
+    assert cache.currsize == _listing_bytes(listing("a", "b")) + _listing_bytes(listing("x"))
+    clock.now += 0.5
+    assert cache.get("d") is None
+
+
+def test_past_the_byte_budget_the_least_recently_used_goes_first() -> None:
+    clock = Clock()
+    one = _listing_bytes(listing("a"))
+    cache = ListingCache(maxsize=3 * one, ttl=10.0, timer=clock)
+    for path in ("p", "q", "r"):
+        cache[path] = listing("a")
+    assert cache.get("p") is not None  # p is now more recent than q
+    cache["s"] = listing("a")
+    assert [path for path in "pqrs" if cache.get(path) is not None] == ["p", "r", "s"]
+    assert cache.currsize == 3 * one
+
+
+def test_a_listing_bigger_than_the_cache_is_not_kept_and_drops_nothing_else() -> None:
+    cache = ListingCache(maxsize=_listing_bytes(listing("a", "b")), ttl=10.0, timer=Clock())
+    cache["small"] = listing("a")
+    cache["huge"] = listing(*(f"n{i}" for i in range(100)))
+    assert cache.get("huge") is None and cache.get("small") == listing("a")
+
+
+def test_pop_forgets_a_listing_and_its_bytes() -> None:
+    cache = ListingCache(maxsize=1 << 20, ttl=10.0, timer=Clock())
+    cache["d"] = listing("a")
+    assert cache.pop("d") == listing("a")
+    assert cache.pop("d") is None
+    assert cache.currsize == 0
+
+
+def test_the_deadline_queue_stays_in_proportion_to_the_listings() -> None:
+    cache = ListingCache(maxsize=1 << 30, ttl=10.0, timer=Clock())
+    for round_ in range(1000):
+        cache["d"] = listing(str(round_))  # replaced again and again
+    assert len(cache) == 1 and len(cache._deadlines) <= 2 * len(cache) + 65
+    assert cache.get("d") == listing("999")
