@@ -3,8 +3,10 @@ metadata, the next page's marker) and the query that asks for them."""
 
 from __future__ import annotations
 
+import email.utils
 from urllib.parse import parse_qs
 
+from azregfs.storage import blobs
 from azregfs.storage.blobs import list_query, parse_list
 
 ANSWER = b"""<?xml version="1.0" encoding="utf-8"?>
@@ -114,3 +116,15 @@ def test_an_answer_the_fast_reading_does_not_expect_goes_to_elementtree() -> Non
     page = parse_list(odd)
     assert [blob.name for blob in page.blobs] == ["x"] and page.blobs[0].metadata == {
         "Blob": "v"}
+
+
+def test_last_modified_is_read_by_position_as_the_email_parser_reads_it() -> None:
+    """_mtime's fast reading of Azure's fixed RFC 1123 shape agrees with the email module's
+    parser over a century of seconds; any other shape goes to that parser."""
+    for seconds in range(0, 4_102_444_800, 9_876_543):  # 1970 to 2100, odd steps
+        text = email.utils.formatdate(seconds, usegmt=True)
+        assert blobs._mtime(text) == seconds, text
+    assert blobs._mtime("Thu, 3 Dec 2026 22:41:52 GMT") == 1_796_337_712.0  # one-digit day
+    assert blobs._mtime("Thu, 03 Dec 2026 22:41:52 +0000") == 1_796_337_712.0
+    assert blobs._mtime("not a date") == 0.0
+    assert blobs._mtime(None) == 0.0
