@@ -23,6 +23,7 @@ and never carry a blob name; every metric carries ``container``.
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import errno as errno_module
 import logging
@@ -37,8 +38,14 @@ from azure.core.pipeline import PipelineRequest, PipelineResponse
 from azure.core.pipeline.policies import SansIOHTTPPolicy
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 
 from ..config import parse_address
 from ..storage.throttle import Concurrency
@@ -187,7 +194,10 @@ class Metrics:
         self.last_request_outcome = ""
         self.fuse_ops: Counter[str] = Counter()  # the event loop's thread only
         self.fuse_errors: Counter[str] = Counter()
-        self._fuse_children: dict[str, tuple[Any, Any]] = {}
+        # FUSE latency by operation: counts per LATENCY_BUCKETS bound (the last: +Inf), and
+        # the sum of seconds. Plain numbers, read at scrape time by _FuseCollector.
+        self.fuse_latency: dict[str, list[int]] = {}
+        self.fuse_seconds: Counter[str] = Counter()
         self.live: Callable[[], dict[str, Any]] = dict  # read at snapshot/scrape time
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -207,18 +217,13 @@ class Metrics:
         self._azure_bytes = PromCounter(
             "azregfs_azure_data_bytes", "Blob data moved to (up) and from (down) Azure",
             labels + ("direction",), registry=self.registry)
-        self._fuse_ops = PromCounter(
-            "azregfs_fuse_operations", "FUSE requests served", labels + ("operation",),
-            registry=self.registry)
-        self._fuse_seconds = Histogram(
-            "azregfs_fuse_operation_duration_seconds", "FUSE request latency",
-            labels + ("operation",), buckets=LATENCY_BUCKETS, registry=self.registry)
         self._fuse_errors = PromCounter(
             "azregfs_fuse_errors", "FUSE requests answered with an error",
             labels + ("operation", "errno"), registry=self.registry)
         for direction in ("up", "down"):  # shown as 0 from the start, as rate() wants
             self._azure_bytes.labels(container, direction)
         self.registry.register(_LiveCollector(self))
+        self.registry.register(_FuseCollector(self))
         self.registry.register(_Labelled(ProcessCollector(registry=None), container))
 
     def bind(self, live: Callable[[], dict[str, Any]]) -> None:
@@ -254,15 +259,15 @@ class Metrics:
 
     def fuse_done(self, op: str, seconds: float, error: int | None) -> None:
         """Called for every FUSE request, from the event loop's thread only: kept cheap (a
-        4 KiB write is one call), hence the label children looked up once."""
-        children = self._fuse_children.get(op)
-        if children is None:
-            children = self._fuse_children[op] = (
-                self._fuse_ops.labels(self.container, op),
-                self._fuse_seconds.labels(self.container, op))
+        4 KiB write is one call), hence plain counts rather than prometheus_client's
+        Counter and Histogram, which take a lock per number (3.7 µs a request of the
+        daemon's CPU, measured on 32 KiB writes)."""
         self.fuse_ops[op] += 1
-        children[0].inc()
-        children[1].observe(seconds)
+        counts = self.fuse_latency.get(op)
+        if counts is None:
+            counts = self.fuse_latency[op] = [0] * (len(LATENCY_BUCKETS) + 1)
+        counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.fuse_seconds[op] += seconds
         if error:
             self.fuse_errors[op] += 1
             name = errno_module.errorcode.get(error, str(error))
@@ -366,6 +371,37 @@ class _LiveCollector:
                 values.append(extra.get("tier", "memory"))
             family.add_metric(values, float(live[key]))
         yield from families.values()
+
+
+class _FuseCollector:
+    """azregfs_fuse_operations_total and azregfs_fuse_operation_duration_seconds, from the
+    plain counts ``Metrics.fuse_done`` keeps (read from the scrape's thread: each
+    operation's counts are copied at once, and its total is their sum)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["container", "operation"]
+        served = CounterMetricFamily("azregfs_fuse_operations", "FUSE requests served",
+                                     labels=labels)
+        latency = HistogramMetricFamily("azregfs_fuse_operation_duration_seconds",
+                                        "FUSE request latency", labels=labels)
+        bounds = [floatToGoString(bound) for bound in LATENCY_BUCKETS] + ["+Inf"]
+        for op, counts in list(self.metrics.fuse_latency.items()):
+            counts = list(counts)
+            cumulative, total = [], 0
+            for bound, count in zip(bounds, counts, strict=True):
+                total += count
+                cumulative.append((bound, total))
+            served.add_metric([self.metrics.container, op], total)
+            latency.add_metric([self.metrics.container, op], cumulative,
+                               self.metrics.fuse_seconds[op])
+        yield served
+        yield latency
 
 
 class _Labelled:
