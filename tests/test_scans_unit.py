@@ -191,6 +191,38 @@ def test_a_slow_walk_through_small_directories_refreshes_pages_not_each_director
     trio.run(main)
 
 
+def test_a_walks_ancestors_are_still_directories_while_its_page_is_fresh() -> None:
+    """A registry's catalog walks docker/registry/v2/repositories again and again, its own
+    scan; the kernel asks about each ancestor every dir_entry_timeout, when their listings
+    have long expired. A fresh page with blobs below them answers, with no LIST; once it is
+    stale, Azure is asked again. A directory with a marker blob is always asked about."""
+    async def main() -> None:
+        names = [f"top/mid/repos/r{i}/link" for i in range(10)]
+        driver = PagedNames(names, page=1000, markers=("marked/",))
+        driver.names.insert(0, "marked/")
+        ns = Namespace(Config(dir_timeout=0.3), driver)  # type: ignore[arg-type]
+        for path in ("top", "top/mid"):  # known as implicit directories (looked up once)
+            ns.node_for(path, True)
+        ns.node_for("marked", True).marker = True
+        await ns.listing(ns.node_for("top/mid/repos", True))  # the walk's own scan
+        await trio.sleep(0.35)
+        # The walk, deep in its page, has it fetched again (a catalog's walks do).
+        await ns.listing(ns.node_for("top/mid/repos/r9", True))
+        assert driver.requests[-1] == "flat top/mid/repos/ None"
+        asked = len(driver.requests)
+        assert await ns.resolve("top") == Entry(True, None)
+        assert await ns.resolve("top/mid") == Entry(True, None)
+        assert len(driver.requests) == asked, driver.requests[asked:]
+        await ns.resolve("marked")
+        assert len(driver.requests) > asked  # its marker's mode and times: asked of Azure
+        await trio.sleep(0.35)  # the page is stale too
+        asked = len(driver.requests)
+        assert (await ns.resolve("top/mid")).is_dir
+        assert len(driver.requests) > asked
+
+    trio.run(main)
+
+
 def test_a_walk_that_jumps_far_ahead_starts_a_scan_there() -> None:
     async def main() -> None:
         driver = PagedNames(TREE, page=2)

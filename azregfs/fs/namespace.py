@@ -281,6 +281,12 @@ class Namespace:
 
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
+        node = self.by_path.get(path)
+        if node is not None and node.is_dir and not node.marker and \
+                self.scans.holds_below(path):
+            # Still a directory: a fresh flat page holds blobs below it. Only for one known
+            # to have no marker blob, whose mode and times a marker would carry.
+            return Entry(True, None)
         listing = await self.scans.for_lookup(parent)
         if listing is not None:  # a flat page held the parent whole (scans.py)
             return listing.get(name)

@@ -33,6 +33,10 @@ Invariants:
 - A lookup's flat listing of a small subtree (Namespace._ask) is adopted as the one page
   of a scan of that subtree (``adopt``): a walk through it after its listings expired
   finds that scan, not none (which started a scan at each directory it came to).
+- A directory known here as implicit (no marker blob) is answered as a directory by a page
+  fetched within dir_timeout that holds a blob below it (``holds_below``): the kernel
+  revalidates a walk's ancestors every dir_entry_timeout, long after their own listings
+  expired, and a LIST of each is not needed to know they are still directories.
 - Lookups use scans too (``for_lookup``): the one that covers the directory, or one
   started at its parent once lookups missed in HOT_SIBLINGS of its children within
   dir_timeout. A lookup never fetches pages ahead, and refreshes a page it needed twice
@@ -189,6 +193,22 @@ class Scans:
         scan.pages.append(Page(None, blobs[-1].name if blobs else None, None, asked_at,
                                len(blobs), stride, [blob.name for blob in blobs[::stride]],
                                generation=generation))
+
+    def holds_below(self, path: str) -> bool:
+        """A page fetched within dir_timeout holds a blob below path: path is a directory
+        (an ancestor of a walk, which the kernel asks about again every
+        dir_entry_timeout while its own listing has long expired)."""
+        dir_prefix, now = self.lists.dir_prefix(path), time.monotonic()
+        for root in list(self.scans):
+            scan: Scan = cachetools.Cache.__getitem__(self.scans, root)  # no LRU reorder
+            inside = is_under(root, path)  # the whole scan lies below path
+            if not inside and not is_under(path, root):
+                continue
+            for page in scan.pages:
+                if page.blobs and now - page.asked_at < self.dir_timeout and (
+                        inside or _span(page, dir_prefix) > 0):
+                    return True
+        return False
 
     async def for_lookup(self, path: str) -> dict[str, Entry] | None:
         """A lookup's listing of the directory, from a scan that covers it or one started
