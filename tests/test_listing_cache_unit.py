@@ -78,3 +78,22 @@ def test_the_deadline_queue_stays_in_proportion_to_the_listings() -> None:
         cache["d"] = listing(str(round_))  # replaced again and again
     assert len(cache) == 1 and len(cache._deadlines) <= 2 * len(cache) + 65
     assert cache.get("d") == listing("999")
+
+
+class Listing(dict):
+    """A listing that can be watched with a weak reference (a plain dict cannot)."""
+
+
+def test_a_listing_dropped_for_room_is_freed_at_once_not_held_until_its_deadline() -> None:
+    import gc
+    import weakref
+
+    one = _listing_bytes(listing("a"))
+    cache = ListingCache(maxsize=one, ttl=60.0, timer=Clock())
+    first = Listing(listing("a"))
+    watch = weakref.ref(first)
+    cache["first"] = first
+    del first
+    cache["second"] = listing("b")  # no room for both: the first goes
+    gc.collect()
+    assert watch() is None and cache.get("first") is None

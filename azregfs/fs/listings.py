@@ -82,8 +82,9 @@ class ListingCache:
     when kept). cachetools' TTLCache does the same at about three times the CPU: a walk's
     flat page keeps thousands of listings at once (a registry's 5,000 blobs make some 6,700
     directories). Every listing lives for the same ttl, so the order they were kept in is
-    the order they expire in: a queue of (deadline, path, listing) finds the expired ones
-    without a scan; an entry of it whose listing was replaced or dropped since is skipped."""
+    the order they expire in: a queue of (deadline, path) finds the expired ones without a
+    scan. It holds no listing (a dropped one is freed at once): an entry of it whose path
+    was dropped, or kept again since with a later deadline, is skipped."""
 
     def __init__(self, maxsize: int, ttl: float,
                  timer: Callable[[], float] = time.monotonic) -> None:
@@ -92,7 +93,7 @@ class ListingCache:
         self.timer = timer
         self.currsize = 0
         self._items: OrderedDict[str, tuple[dict[str, Entry], int, float]] = OrderedDict()
-        self._deadlines: deque[tuple[float, str, dict[str, Entry]]] = deque()
+        self._deadlines: deque[tuple[float, str]] = deque()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -120,7 +121,7 @@ class ListingCache:
             return
         deadline = now + self.ttl
         self._items[path] = (entries, size, deadline)
-        self._deadlines.append((deadline, path, entries))
+        self._deadlines.append((deadline, path))
         self.currsize += size
         while self.currsize > self.maxsize:
             self._drop(next(iter(self._items)))
@@ -140,16 +141,14 @@ class ListingCache:
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            _, path, entries = deadlines.popleft()
+            _, path = deadlines.popleft()
             item = self._items.get(path)
-            if item is not None and item[0] is entries:
+            if item is not None and item[2] <= now:
                 self._drop(path)
         if len(deadlines) > 2 * len(self._items) + 64:
             # Replaced and dropped listings left their deadlines behind: keep the queue
             # in proportion to the listings.
-            self._deadlines = deque((item[2], path, item[0])
-                                    for path, item in sorted(self._items.items(),
-                                                             key=lambda kv: kv[1][2]))
+            self._deadlines = deque(sorted((item[2], path) for path, item in self._items.items()))
 
 
 class Listings:
