@@ -123,6 +123,14 @@ class Scan:
         return len(self.pages) - 1 if self.ended else AHEAD
 
 
+def _page(marker: str | None, blobs: list[BlobInfo], last: str | None,
+          next_marker: str | None, asked_at: float, generation: int) -> Page:
+    """A page holding these blobs, with its sample of every stride-th name."""
+    stride = max(1, len(blobs) // SAMPLES)
+    return Page(marker, last, next_marker, asked_at, len(blobs), stride,
+                [blob.name for blob in blobs[::stride]], generation=generation)
+
+
 def _span(page: Page, dir_prefix: str) -> int:
     """About how many of the page's blobs lie under dir_prefix (from its sample)."""
     first = bisect.bisect_left(page.sample, dir_prefix)
@@ -188,11 +196,8 @@ class Scans:
         """A lookup's flat listing of a whole small subtree (Namespace._ask) becomes the one
         page of a scan of it. Without one, a walk through that subtree found no scan once its
         listings expired, and started one at each directory: a request per directory."""
-        scan = self._start(path)
-        stride = max(1, len(blobs) // SAMPLES)
-        scan.pages.append(Page(None, blobs[-1].name if blobs else None, None, asked_at,
-                               len(blobs), stride, [blob.name for blob in blobs[::stride]],
-                               generation=generation))
+        self._start(path).pages.append(_page(
+            None, blobs, blobs[-1].name if blobs else None, None, asked_at, generation))
 
     def holds_below(self, path: str) -> bool:
         """A page fetched within dir_timeout holds a blob below path: path is a directory
@@ -339,10 +344,8 @@ class Scans:
         previous_last = scan.pages[index - 1].last if index else None
         last = page.blobs[-1].name if page.blobs else previous_last
         del scan.pages[index:]
-        stride = max(1, len(page.blobs) // SAMPLES)
-        scan.pages.append(Page(marker, last, page.next_marker, asked_at, len(page.blobs),
-                               stride, [blob.name for blob in page.blobs[::stride]],
-                               generation=generation))
+        scan.pages.append(_page(marker, page.blobs, last, page.next_marker, asked_at,
+                                generation))
         listings = self.lists.tree(scan.root, page.blobs)
         for directory, entries in carried.items():
             listings[directory] = {**entries, **listings.get(directory, {})}
