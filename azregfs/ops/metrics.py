@@ -192,10 +192,10 @@ class Metrics:
         self.last_request_at = 0.0  # wall time of the last answered or failed attempt
         self.last_request_ok = True
         self.last_request_outcome = ""
-        self.fuse_ops: Counter[str] = Counter()  # the event loop's thread only
-        self.fuse_errors: Counter[str] = Counter()
-        # FUSE latency by operation: counts per LATENCY_BUCKETS bound (the last: +Inf), and
-        # the sum of seconds. Plain numbers, read at scrape time by _FuseCollector.
+        self.fuse_errors: Counter[str] = Counter()  # the event loop's thread only
+        # FUSE requests by operation: counts per LATENCY_BUCKETS bound (the last: +Inf; their
+        # sum is the requests served), and the sum of seconds. Plain numbers, read at
+        # snapshot and scrape time (_FuseCollector).
         self.fuse_latency: dict[str, list[int]] = {}
         self.fuse_seconds: Counter[str] = Counter()
         self.live: Callable[[], dict[str, Any]] = dict  # read at snapshot/scrape time
@@ -262,7 +262,6 @@ class Metrics:
         4 KiB write is one call), hence plain counts rather than prometheus_client's
         Counter and Histogram, which take a lock per number (3.7 µs a request of the
         daemon's CPU, measured on 32 KiB writes)."""
-        self.fuse_ops[op] += 1
         counts = self.fuse_latency.get(op)
         if counts is None:
             counts = self.fuse_latency[op] = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -288,7 +287,9 @@ class Metrics:
                     if self.last_request_at else None,
                 },
             }
-        fuse = {"operations": dict(self.fuse_ops), "errors": dict(self.fuse_errors)}
+        fuse = {"operations": {op: sum(counts) for op, counts in
+                               list(self.fuse_latency.items())},
+                "errors": dict(self.fuse_errors)}
         return {"container": self.container, "uptime_seconds": round(time.time() - self.started,
                                                                       3),
                 "driver": azure, "fuse": fuse, **self.live()}
