@@ -228,8 +228,7 @@ class NullMount:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
-        self.child.wait(timeout=30)
+        stop_mount(self.path, self.child, timeout=30)
         self.counts = json.loads(self.counts_path.read_text())
 
 

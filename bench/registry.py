@@ -52,7 +52,7 @@ import common
 from azure.storage.blob import BlobServiceClient
 from common import CpuMeter, hot_spots, process_tree, profiled
 
-from azregfs.config import Config, parse_size
+from azregfs.config import Config, apply, parse_mount_options
 from azregfs.demo.azurite import Azurite
 from azregfs.demo.oci import Image, MiB, Registry, build_image, read_image, skopeo_copy
 from testkit.faultproxy import FaultProxy
@@ -127,12 +127,10 @@ def push_pull(image: Image, registry: Registry, workdir: Path, label: str,
 
 
 def cache_bytes(options: str) -> int:
-    """The mount's cache_size under these -o options."""
-    for option in options.split(","):
-        name, _, value = option.partition("=")
-        if name.strip() == "cache_size":
-            return parse_size(value)
-    return Config.cache_size
+    """The mount's cache_size under these -o options (read as the CLI reads them)."""
+    cfg = Config()
+    apply(cfg, parse_mount_options(options)[0], "-o")
+    return cfg.cache_size
 
 
 def drop_page_cache() -> None:
