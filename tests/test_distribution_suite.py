@@ -15,7 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import need
+from azure.storage.blob import ContainerClient
+from conftest import Mount, need
 
 PACKAGE = "github.com/docker/distribution/registry/storage/driver/filesystem"
 GOPATH = "/usr/share/gocode"
@@ -45,26 +46,51 @@ def suite_binary() -> Path:
     return binary
 
 
-@pytest.mark.slow
-def test_distribution_storage_driver_suite_passes_on_the_mount(mnt, tmp_path: Path) -> None:
+def run_suite(mnt: Mount, tmp_path: Path, *flags: str) -> str:
+    """Run the suite with its root on the mount; its output, once every test passed."""
     binary = suite_binary()
     # The suite's root is ioutil.TempDir("", "driver-"): TMPDIR puts it on the mount.
     result = subprocess.run(
-        [str(binary), "-test.v", "-check.v", "-test.timeout", "40m"],
+        [str(binary), "-test.v", "-check.v", "-test.timeout", "40m", *flags],
         env={**os.environ, "TMPDIR": str(mnt.path)}, cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=45 * 60,
         check=False)
-    log = tmp_path / "suite.log"
-    log.write_text(result.stdout)
+    (tmp_path / "suite.log").write_text(result.stdout)
     failures = [line for line in result.stdout.splitlines()
                 if line.startswith(("FAIL:", "PANIC:", "MISS:", "... Error", "OOPS:"))]
     summary = re.findall(r"^(?:OK|OOPS): .*$", result.stdout, re.MULTILINE)
+    first = re.search(r"^(?:FAIL|PANIC):", result.stdout, re.MULTILINE)
+    log = mnt.log()
+    warnings = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
     assert result.returncode == 0 and not failures, (
         f"suite exited {result.returncode}: {summary} {failures[:10]}\n"
-        f"{result.stdout[-3000:]}\nmount log: {mnt.log()[-3000:]}")
-    # Every test ran: 34 in 2.8.2's suite, the 5 GiB stream among them.
-    assert summary and re.match(r"OK: (\d+) passed$", summary[0]), summary
-    assert int(summary[0].split()[1]) >= 34, summary
-    assert "DriverSuite.TestWriteReadLargeStreams" in result.stdout
+        f"first failure: {result.stdout[first.start():][:4000] if first else '-'}\n"
+        f"mount warnings and errors: {warnings[:20]}\nmount log: {log[-3000:]}")
+    assert summary and re.match(r"OK: (\d+) passed", summary[0]), summary
     left = [os.path.join(top, name) for top, _, names in os.walk(mnt.path) for name in names]
     assert left == [], f"files the suite removed are still there: {left[:10]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_distribution_storage_driver_suite_passes_on_the_mount(mnt: Mount, tmp_path: Path) -> None:
+    output = run_suite(mnt, tmp_path)
+    # Every test ran: 34 in 2.8.2's suite, the 5 GiB stream among them.
+    summary = re.findall(r"^OK: (\d+) passed$", output, re.MULTILINE)
+    assert summary and int(summary[0]) >= 34, summary
+    assert "DriverSuite.TestWriteReadLargeStreams" in output
+
+
+@pytest.mark.slow
+def test_the_suite_passes_with_markers_due_at_once(
+        container: ContainerClient, mount_factory, tmp_path: Path) -> None:
+    """The whole suite (short mode: no 5 GiB stream, 8 concurrent streams instead of 32)
+    with markers due 20 ms after a directory is made or emptied, so that many are put
+    together while RemoveAlls run: the timing a loaded CI machine gave stop 23 now and then
+    (a marker put for a directory removed while the markers before it were put). That race
+    is pinned exactly by test_namespace.py; runs like this one failed on it once in 9
+    before the fix, and in none of 22 after. Afterwards Azure holds nothing but the suite
+    root's own marker."""
+    mnt = mount_factory(container.container_name, "-o", "marker_delay=0.02")
+    run_suite(mnt, tmp_path, "-test.short")
+    assert [blob.name for blob in container.list_blobs() if "/" in blob.name] == []

@@ -78,6 +78,23 @@ def test_an_empty_tree_gets_one_marker_for_its_leaf_when_due() -> None:
     assert local.unmarked_count == 0
 
 
+def test_a_directory_removed_or_moved_after_it_was_handed_out_is_no_longer_due() -> None:
+    """The markers handed out together are put one after another: one removed or moved
+    meanwhile must not be put when its turn comes (markers.write_due asks)."""
+    local = dirs()
+    for path in ("a", "b", "c", "d"):
+        local.made(path, proven_at=0, now=0)
+    assert local.due(now=2) == ["a", "b", "c", "d"]
+    assert all(local.handed_out(path) for path in "abcd")
+    local.removed("b")
+    local.moved("c", "e", now=2.1)
+    local.postpone("d", now=2.1)
+    assert local.handed_out("a")
+    assert not local.handed_out("b") and not local.handed_out("c")
+    assert not local.handed_out("d") and not local.handed_out("e")
+    assert sorted(local.due(now=4.1)) == ["d", "e"]  # each due again after the delay
+
+
 def test_fsyncdir_and_unmount_make_markers_due_at_once() -> None:
     local = dirs()
     local.made("a", proven_at=0, now=0)

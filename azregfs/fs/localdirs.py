@@ -180,6 +180,11 @@ class LocalDirs(Generic[E]):
         self._writing.update(leaves)
         return leaves
 
+    def handed_out(self, path: str) -> bool:
+        """Handed out by ``due`` and still waiting for its marker (not removed, moved or
+        postponed since)."""
+        return path in self._writing
+
     def visible(self, path: str) -> None:
         """Azure now shows path (its marker landed, or a child was found under it): it and
         its ancestors leave the table."""

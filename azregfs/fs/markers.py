@@ -12,7 +12,9 @@ Invariants:
 - No marker put races an rmdir or a rename of its directory: those run inside
   ``changing``, which keeps new puts away from their paths and waits for the ones in
   flight, so they see, and remove or move, every marker there is. A put that fell due
-  under a path being changed goes back to localdirs, for the change to decide.
+  under a path being changed goes back to localdirs, for the change to decide; one whose
+  directory was removed after it was handed out (the puts are written one after another)
+  is dropped.
 - A failed put is logged once per attempt and tried again later; it never fails the
   operation that made the directory.
 """
@@ -90,6 +92,10 @@ class Markers:
         unmount), for directories still empty."""
         now = time.monotonic()
         for path in self.ns.local.due(now, under):
+            if not self.ns.local.handed_out(path):
+                # Removed (rmdir, rename) while the puts before it ran: it had none in
+                # flight for that rmdir to wait for, and must get none now.
+                continue
             if any(is_under(path, changing) for changing in self._changing):
                 self.ns.local.postpone(path, now)  # the rmdir or rename decides its fate
                 continue
