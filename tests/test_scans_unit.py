@@ -40,10 +40,14 @@ class PagedNames:
         more = start + self.page < len(under)
         return ListPage([self.info(name) for name in chunk], [], chunk[-1] if more else None)
 
-    async def list_subtree_small(self, prefix: str, limit: int) -> list[BlobInfo] | None:
+    async def list_subtree_small(self, prefix: str, limit: int) -> tuple[list[BlobInfo], bool]:
         self.requests.append(f"subtree {prefix}")
         under = [self.info(name) for name in self.names if name.startswith(prefix)]
-        return under if len(under) <= limit else None
+        return (under, True) if len(under) <= limit else (under[:limit + 1], False)
+
+    async def has_children(self, prefix: str) -> bool:
+        self.requests.append(f"children {prefix}")
+        return any(name.startswith(prefix) for name in self.names)
 
     async def list_level(self, prefix: str):
         self.requests.append(f"level {prefix}")
@@ -312,6 +316,48 @@ def test_lookups_missing_in_many_children_of_one_directory_scan_it() -> None:
         # A cached listing never says no to a lookup: that is Azure's to say.
         assert await ns.scans.for_lookup("blobs/27") is None
         assert driver.requests == ["flat blobs/ None"]
+
+    trio.run(main)
+
+
+class WithHeads(PagedNames):
+    """PagedNames with the requests a lookup miss may add: HEAD and a small level page."""
+
+    async def head(self, name: str) -> BlobInfo | None:
+        self.requests.append(f"head {name}")
+        return self.info(name) if name in self.names else None
+
+    async def list_level_small(self, prefix: str, limit: int):
+        async for blobs, prefixes in self.list_level(prefix):
+            return (blobs, prefixes) if len(blobs) + len(prefixes) <= limit else None
+        return None
+
+
+def test_the_first_page_of_a_subtree_too_big_to_list_flat_answers_lookups_below() -> None:
+    """The first lookups into a big registry (docker, registry, v2, blobs, ...) each cost a
+    flat LIST too big to keep, a HEAD and a level LIST. The flat LIST's first page shows
+    the way down: one request for the whole descent, while it is fresh."""
+    async def main() -> None:
+        names = [f"docker/registry/v2/blobs/sha256/{d:02x}/{h}{d:02x}/data"
+                 for d in range(256) for h in "abcde"]
+        names += [f"docker/registry/v2/repositories/r{r}/_layers/link" for r in range(3)]
+        driver = WithHeads(names, page=5000)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        blob = "docker/registry/v2/blobs/sha256/00/a00/data"
+        for path in ("docker", "docker/registry", "docker/registry/v2",
+                     "docker/registry/v2/blobs", blob):
+            entry = await ns.resolve(path)
+            assert entry is not None and entry.is_dir == (path != blob), path
+        assert driver.requests == ["subtree "]
+        # Past the page: asked of Azure (the page held blobs/ only, and more than 1,000:
+        # no flat LIST of v2, which holds them all).
+        assert (await ns.resolve("docker/registry/v2/repositories")).is_dir
+        assert driver.requests[1:] == ["head docker/registry/v2/repositories",
+                                       "level docker/registry/v2/"]
+        # A name the page showed and this mount removed is no longer seen there.
+        ns.note(blob, None)
+        assert ns.lists.seen(blob) is None
+        assert ns.lists.seen("docker/registry/v2/blobs/sha256/00/b00/data") is not None
 
     trio.run(main)
 

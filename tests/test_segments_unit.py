@@ -200,7 +200,7 @@ class SlowListing:
         self.lists = 0
 
     async def list_subtree_small(self, prefix: str, limit: int):
-        return None  # too big to list flat: the level listing below is what is tested
+        return [], False  # too big to list flat: the level listing below is what is tested
 
     async def list_page(self, prefix: str, marker: str | None) -> ListPage:
         # A walk's first flat page, with more to come: the directory is listed by level.

@@ -15,6 +15,9 @@ Invariants:
   directory below it. A flat fetch that raced one of our changes (``generation`` moved)
   answers only the directory asked about, from a fresh level listing. A walk's flat pages
   (scans.py) keep out only the directories our changes touched meanwhile (``Watch``).
+- A flat LIST of a subtree too big for its limit still proves what its first page holds:
+  those names are kept as partial listings (``partial``), for dir_timeout, patched by our
+  changes like any listing, and answer lookups with a yes only (``seen``).
 - Bounded: listings in estimated bytes (``listing_cache_size``); a listing bigger than
   the whole cache is not kept (each reader lists it again: pages, not memory).
 - Names the tree cannot show (empty segments, trailing '/', '.' or '..') are skipped with
@@ -157,6 +160,8 @@ class Listings:
         self.prefix = cfg.prefix
         # Bounded in (estimated) bytes: one flat listing may fill many directories at once.
         self.cache = ListingCache(cfg.listing_cache_size, max(cfg.dir_timeout, 0.001))
+        # Names the first page of a subtree too big to list flat showed (``seen``).
+        self.partial = ListingCache(cfg.listing_cache_size // 4, max(cfg.dir_timeout, 0.001))
         # Directories whose subtree was too big for a flat listing: the limit it exceeded.
         self.big_subtrees: cachetools.TTLCache[str, int] = cachetools.TTLCache(
             maxsize=4096, ttl=300)
@@ -263,11 +268,13 @@ class Listings:
         too big for `limit` is not listed flat again at that limit for a while)."""
         generation, asked_at = self.generation, time.monotonic()
         try:
-            blobs = await self.driver.list_subtree_small(self.dir_prefix(path), limit)
+            blobs, whole = await self.driver.list_subtree_small(self.dir_prefix(path), limit)
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
-        if blobs is None:
+        if not whole:
             self.big_subtrees[path] = limit  # more than that: not tried again soon
+            if blobs and generation == self.generation:
+                self._keep_first_page(path, blobs, limit)
             return None
         listings = self.tree(path, blobs)
         if generation != self.generation:
@@ -280,6 +287,27 @@ class Listings:
         if listed is not None:
             listed(blobs, asked_at, generation)
         return listings[path]
+
+    def _keep_first_page(self, path: str, blobs: list[BlobInfo], limit: int) -> None:
+        """A flat LIST of path brought only its first blobs (more than `limit` lie below).
+        Every name they hold exists, with its blob (a directory's marker sorts before its
+        names, so a directory seen here shows its marker too, if it has one): kept as
+        partial listings, for lookups (``seen``). A directory that holds the first and the
+        last of them holds as many: no flat LIST of it within `limit` is tried either."""
+        first, last = blobs[0].name, blobs[-1].name
+        for directory, entries in self.tree(path, blobs).items():
+            self.partial[directory] = entries
+            prefix = self.dir_prefix(directory)
+            if first.startswith(prefix) and last.startswith(prefix) and \
+                    self.big_subtrees.get(directory, 0) < limit:
+                self.big_subtrees[directory] = limit
+
+    def seen(self, path: str) -> Entry | None:
+        """What a partial listing (``_keep_first_page``) fetched within dir_timeout shows at
+        path: a yes only (None says nothing)."""
+        parent, _, name = path.rpartition("/")
+        listing = self.partial.get(parent)
+        return listing.get(name) if listing is not None else None
 
     def keep(self, path: str, entries: dict[str, Entry]) -> None:
         """Keep a listing for dir_timeout, unless it alone is bigger than the whole cache
@@ -369,6 +397,7 @@ class Listings:
             watch.subtrees.update(dir_paths)
         for path in dir_paths:
             self.cache.pop(path, None)
+            self.partial.pop(path, None)
             for record in self.fetching.get(path, ()):
                 record.invalidated = True
 
@@ -395,6 +424,12 @@ class Listings:
                 record.changes[name] = entry
             elif name not in record.changes:
                 record.changes[name] = _SOME_DIR
+        partial = self.partial.get(parent)
+        if partial is not None and name in partial and not ensure_dir:
+            if entry is None:
+                del partial[name]
+            else:
+                partial[name] = entry
         listing = self.cache.get(parent)
         if listing is None:
             return

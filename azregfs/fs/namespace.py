@@ -232,11 +232,12 @@ class Namespace:
     async def resolve(self, path: str, just_looked_up: bool = False) -> Entry | None:
         """What path is in the container (or locally pending), asking Azure if needed.
 
-        Positive answers may come from a cached listing (for dir_timeout); a negative one
-        is Azure's, so a name another host just wrote is seen at once -- except by the
-        create() that follows our own failed lookup (``just_looked_up``), and in a
-        directory this mount made, whose absence Azure proved less than dir_timeout ago
-        (localdirs.py): within the consistency contract either way."""
+        Positive answers may come from a cached listing, whole or partial (for dir_timeout;
+        listings.py); a negative one is Azure's, so a name another host just wrote is seen
+        at once -- except by the create() that follows our own failed lookup
+        (``just_looked_up``), and in a directory this mount made, whose absence Azure
+        proved less than dir_timeout ago (localdirs.py): within the consistency contract
+        either way."""
         parent, _, name = path.rpartition("/")
         if name in self.pending.get(parent, ()):
             node = self.by_path.get(path)
@@ -253,6 +254,9 @@ class Namespace:
         listing = self.lists.get(parent)
         if listing is not None and name in listing:
             return listing[name]
+        seen = self.lists.seen(path)
+        if seen is not None:
+            return seen
         if just_looked_up and self.absent.pop(path, None) is not None:
             return None
         flight = self._asking.get(path)
@@ -298,6 +302,9 @@ class Namespace:
                 lambda blobs, at, generation: self.scans.adopt(parent, blobs, at, generation))
             if listing is not None:
                 return listing.get(name)
+            seen = self.lists.seen(path)  # too big, but its first page may show the name
+            if seen is not None:
+                return seen
         if self.lists.is_small(parent):
             # One LIST answers this name and the next ones here: cheaper than HEAD + LIST.
             listing = await self.lists.level_if_small(parent)

@@ -503,13 +503,14 @@ class Driver:
 
         return await self._run(f"LIST {prefix}", call)
 
-    async def list_subtree_small(self, prefix: str, limit: int) -> list[BlobInfo] | None:
-        """Every blob under prefix, at any depth, if there are at most `limit` (else None).
+    async def list_subtree_small(self, prefix: str, limit: int) -> tuple[list[BlobInfo], bool]:
+        """Every blob under prefix, at any depth, and True, if there are at most `limit`;
+        else the first of them in name order (at least `limit`) and False.
 
         Pages of LIST_PAGE; a full last page may come with a continuation that leads to
         nothing, so the bound is checked on what the pages hold, not on the marker."""
 
-        def call() -> list[BlobInfo] | None:
+        def call() -> tuple[list[BlobInfo], bool]:
             blobs: list[BlobInfo] = []
             marker: str | None = None
             while True:
@@ -517,9 +518,9 @@ class Driver:
                 blobs += page.blobs
                 marker = page.next_marker
                 if len(blobs) > limit or (len(blobs) == limit and marker):
-                    return None
+                    return blobs, False
                 if not marker:
-                    return blobs
+                    return blobs, True
 
         return await self._run(f"LIST {prefix}", call)
 
