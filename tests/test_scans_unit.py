@@ -199,7 +199,8 @@ def test_a_walks_ancestors_are_still_directories_while_its_page_is_fresh() -> No
     """A registry's catalog walks docker/registry/v2/repositories again and again, its own
     scan; the kernel asks about each ancestor every dir_entry_timeout, when their listings
     have long expired. A fresh page with blobs below them answers, with no LIST; once it is
-    stale, Azure is asked again. A directory with a marker blob is always asked about."""
+    stale, Azure is asked again, in one request. A directory with a marker blob is always
+    asked about."""
     async def main() -> None:
         names = [f"top/mid/repos/r{i}/link" for i in range(10)]
         driver = PagedNames(names, page=1000, markers=("marked/",))
@@ -222,7 +223,7 @@ def test_a_walks_ancestors_are_still_directories_while_its_page_is_fresh() -> No
         await trio.sleep(0.35)  # the page is stale too
         asked = len(driver.requests)
         assert (await ns.resolve("top/mid")).is_dir
-        assert len(driver.requests) > asked
+        assert len(driver.requests) == asked + 1, driver.requests[asked:]
 
     trio.run(main)
 
@@ -358,6 +359,26 @@ def test_the_first_page_of_a_subtree_too_big_to_list_flat_answers_lookups_below(
         ns.note(blob, None)
         assert ns.lists.seen(blob) is None
         assert ns.lists.seen("docker/registry/v2/blobs/sha256/00/b00/data") is not None
+
+    trio.run(main)
+
+
+def test_a_known_directory_in_a_big_parent_is_asked_about_in_one_request() -> None:
+    """The kernel revalidates a directory it knows every dir_entry_timeout. In a parent too
+    big to list, that cost a HEAD (no blob of that name), a level LIST too big to keep, then
+    a LIST of one name below it. Known to be a directory without a marker: the last alone."""
+    async def main() -> None:
+        names = [f"big/d{n:04}/f" for n in range(1200)]
+        driver = WithHeads(names, page=5000)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        ns.node_for("big/d1100", True)  # looked up before: an implicit directory
+        assert await ns.resolve("big/d1100") == Entry(True, None)
+        # The flat LIST's first page (d0000 to d0999) does not hold it.
+        assert driver.requests == ["subtree big/", "children big/d1100/"]
+        driver.requests.clear()
+        ns.node_for("big/d1101", True)
+        assert await ns.resolve("big/d1101") == Entry(True, None)
+        assert driver.requests == ["children big/d1101/"]
 
     trio.run(main)
 

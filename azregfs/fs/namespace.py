@@ -286,8 +286,8 @@ class Namespace:
     async def _ask(self, path: str) -> Entry | None:
         parent, _, name = path.rpartition("/")
         node = self.by_path.get(path)
-        if node is not None and node.is_dir and not node.marker and \
-                self.scans.holds_below(path):
+        implicit = node is not None and node.is_dir and not node.marker
+        if implicit and self.scans.holds_below(path):
             # Still a directory: a fresh flat page holds blobs below it. Only for one known
             # to have no marker blob, whose mode and times a marker would carry.
             return Entry(True, None)
@@ -310,18 +310,25 @@ class Namespace:
             listing = await self.lists.level_if_small(parent)
             if listing is not None:
                 return listing.get(name)
+        if implicit and await self._has_children(path):
+            # One request (is any blob below?) where a HEAD and a listing of its big parent
+            # took two: the kernel revalidates a walk's ancestors every dir_entry_timeout.
+            return Entry(True, None)
         info = await self._head(path)
         if info is not None:
             return Entry(info.is_marker, info)
         listing = await self.lists.level_if_small(parent)
         if listing is not None:
             return listing.get(name)
+        if not implicit and await self._has_children(path):
+            return Entry(True, None)
+        return None
+
+    async def _has_children(self, path: str) -> bool:
         try:
-            if await self.driver.has_children(self.dir_prefix(path)):
-                return Entry(True, None)
+            return await self.driver.has_children(self.dir_prefix(path))
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
-        return None
 
     async def lookup(self, parent: Node, raw: bytes) -> Node:
         path = self.child_name(parent, raw)
