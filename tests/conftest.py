@@ -23,6 +23,7 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 
 from azregfs.demo.azurite import Azurite
 from azregfs.fs import control
+from testkit.faultproxy import FaultProxy
 
 # Modules that take minutes (Azurite's uploads cost time quadratic in the blobs it holds;
 # distribution's suite is built and run; a 6,000-object registry is uploaded; outages are
@@ -120,6 +121,14 @@ def start_mount(
             raise TimeoutError(f"mount not live after {timeout}s: {log_path.read_text()}")
         time.sleep(0.05)
     return Mount(path, process, log_path, args)
+
+
+def mount_through(proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient,
+                  *options: str, name: str = "mnt") -> Mount:
+    """A mount whose every Azure request goes through the proxy (rules are added after the
+    mount's pre-flight check, so it never meets a fault)."""
+    return mount_factory(container.container_name, *options, name=name,
+                         env={"AZURE_STORAGE_CONNECTION_STRING": proxy.connection_string(azurite)})
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.storage.blob import BlobBlock, ContainerClient, LinearRetry
-from conftest import Mount
+from conftest import Mount, mount_through
 
 from azregfs.demo.azurite import Azurite
 from testkit.faultproxy import CONTROL, FaultProxy, Rule, classify
@@ -422,9 +422,7 @@ def test_command_line(azurite: Azurite, container: ContainerClient) -> None:
 
 def test_mount_through_the_proxy(proxy: FaultProxy, azurite: Azurite, mount_factory,
                                  container: ContainerClient) -> None:
-    mnt: Mount = mount_factory(container.container_name,
-                               env={"AZURE_STORAGE_CONNECTION_STRING":
-                                    proxy.connection_string(azurite)})
+    mnt: Mount = mount_through(proxy, azurite, mount_factory, container)
     assert proxy.counts().get("container_properties", 0) >= 1  # the pre-flight went through
     data = os.urandom(3 * MiB + 17)
     # One throttled write: the daemon's retries carry the file through.

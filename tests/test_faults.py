@@ -44,7 +44,7 @@ import pytest
 from azure.core.pipeline import PipelineContext, PipelineRequest
 from azure.core.pipeline.transport import HttpRequest
 from azure.storage.blob import ContainerClient
-from conftest import Mount, azregfs_command, blob_names, need
+from conftest import Mount, azregfs_command, blob_names, mount_through, need
 from registry_util import REGISTRY_PREFIX, chunked_upload, get_blob, torn_blobs, upload_files
 
 from azregfs.demo.azurite import Azurite
@@ -82,14 +82,6 @@ def random_faults(rate: float, stall: float = 8.0) -> list[Rule]:
 def proxy(azurite: Azurite) -> Iterator[FaultProxy]:
     with FaultProxy(azurite.port, seed=9) as server:
         yield server
-
-
-def mount_through(proxy: FaultProxy, azurite: Azurite, mount_factory, container: ContainerClient,
-                  *options: str, name: str = "mnt") -> Mount:
-    """A mount whose every Azure request goes through the proxy (rules are added after the
-    mount's pre-flight check, so it never meets a fault)."""
-    return mount_factory(container.container_name, *options, name=name,
-                         env={"AZURE_STORAGE_CONNECTION_STRING": proxy.connection_string(azurite)})
 
 
 @dataclass

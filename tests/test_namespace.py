@@ -22,7 +22,7 @@ from azure.storage.blob import (
     ContainerSasPermissions,
     generate_container_sas,
 )
-from conftest import Mount, blob_names, create_blobs, fsync_dir
+from conftest import Mount, blob_names, create_blobs, fsync_dir, mount_through
 
 from azregfs.demo.azurite import DEV_ACCOUNT, DEV_KEY, Azurite
 from testkit.faultproxy import FaultProxy
@@ -214,8 +214,7 @@ def test_a_directory_removed_while_markers_queue_gets_none(
     in flight, so its rmdir waited for none) got its marker afterwards: an empty directory
     nobody made, left in Azure ("did not clean up properly")."""
     with FaultProxy(azurite.port, seed=3) as proxy:
-        mnt = mount_factory(container.container_name, "-o", "marker_delay=600", env={
-            "AZURE_STORAGE_CONNECTION_STRING": proxy.connection_string(azurite)})
+        mnt = mount_through(proxy, azurite, mount_factory, container, "-o", "marker_delay=600")
         proxy.add_rule("latency", op="put", ms=300)
         # Leaves one level below the directory fsynced: the kernel holds a directory's
         # lock during its fsyncdir, and an rmdir in it would wait for the whole queue.
