@@ -129,12 +129,17 @@ def main() -> int:
     parser.add_argument("--steps", default="gc-dry-run,catalog,tags,find,du,gc",
                         help="comma-separated, in order (gc deletes the orphans)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--logs", metavar="DIR",
+                        help="keep each step's mount log here (else they go with the run)")
+    parser.add_argument("--log-level", default="INFO", help="the mount's (DEBUG logs "
+                        "every request)")
     parser.add_argument("--profile", metavar="DIR",
                         help="sample the daemon with py-spy in each run: collapsed stacks "
                              "in DIR, and the hot spots printed")
     args = parser.parse_args()
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    for folder in (args.profile, args.logs):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
     if shutil.which("docker-registry") is None:
         sys.exit("docker-registry is not installed (scripts/install installs it)")
     registry_data = synthetic.build(args.repos, args.tags)
@@ -167,8 +172,9 @@ def main() -> int:
         config = work / "registry.yml"
         config.write_text(registry_config(mount, 0))
         for step in args.steps.split(","):
+            logs = Path(args.logs) if args.logs else work
             process = start_mount(endpoint, CONTAINER, mount, args.options,  # type: ignore
-                                  work / f"{step}.log")
+                                  logs / f"{step}.log", args.log_level)
             registry = Registry(mount, work / "registry") if step in ("catalog", "tags") \
                 else None
             try:
