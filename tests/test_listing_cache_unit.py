@@ -1,6 +1,7 @@
 """The listing cache (azregfs/fs/listings.py, ListingCache) on a clock of its own: each
-listing lives dir_timeout from when it was kept, the least recently used goes first past
-the byte budget, and a replaced listing's old deadline never takes the new one."""
+listing lives dir_timeout from when its request was sent (or from when it was kept, when
+not told), the least recently used goes first past the byte budget, and a replaced
+listing's old deadline never takes the new one."""
 
 from __future__ import annotations
 
@@ -29,6 +30,44 @@ def test_a_listing_is_answered_for_ttl_from_when_it_was_kept() -> None:
     clock.now += 0.01
     assert cache.get("d") is None and "d" not in cache
     assert cache.currsize == 0 and len(cache) == 0
+
+
+def test_a_listing_lives_ttl_from_when_its_request_was_sent_not_from_its_reply() -> None:
+    clock = Clock()
+    cache = ListingCache(maxsize=1 << 20, ttl=1.0, timer=clock)
+    asked_at = clock.now
+    clock.now += 0.7  # a slow LIST
+    cache.put("d", listing("a"), asked_at)
+    clock.now += 0.29
+    assert cache.get("d") == listing("a")
+    clock.now += 0.01  # 1 s after the request was sent, 0.3 s after the reply
+    assert cache.get("d") is None
+
+
+def test_a_reply_older_than_ttl_is_not_kept_and_replaces_nothing() -> None:
+    clock = Clock()
+    cache = ListingCache(maxsize=1 << 20, ttl=1.0, timer=clock)
+    slow_asked_at = clock.now
+    clock.now += 0.5
+    cache.put("d", listing("fresh"), clock.now)  # asked later, answered first
+    clock.now += 0.6
+    cache.put("d", listing("stale"), slow_asked_at)  # 1.1 s old on arrival
+    assert cache.get("d") == listing("fresh")
+    cache.put("e", listing("stale"), slow_asked_at)
+    assert cache.get("e") is None and len(cache) == 1
+
+
+def test_a_listing_kept_out_of_deadline_order_still_expires_on_time() -> None:
+    clock = Clock()
+    cache = ListingCache(maxsize=1 << 20, ttl=1.0, timer=clock)
+    early = clock.now
+    clock.now += 0.5
+    cache.put("late", listing("a"))  # deadline early + 1.5
+    cache.put("early", listing("b"), early)  # deadline early + 1.0, queued behind
+    clock.now = early + 1.0
+    cache.put("other", listing("c"))
+    assert cache.get("early") is None and cache.get("late") == listing("a")
+    assert cache.currsize == _listing_bytes(listing("a")) + _listing_bytes(listing("c"))
 
 
 def test_a_replaced_listing_lives_from_its_own_keeping_not_the_old_ones() -> None:

@@ -11,7 +11,7 @@ import trio
 from azregfs.config import Config
 from azregfs.fs.namespace import Namespace
 from azregfs.fs.nodes import Entry, join
-from azregfs.fs.scans import AHEAD, GOES_ON, Page, Scan, whole_directories
+from azregfs.fs.scans import AHEAD, GOES_ON, MIN_PAGE, Page, Scan, whole_directories
 from azregfs.storage.blobs import BlobInfo, ListPage
 
 
@@ -24,20 +24,24 @@ class PagedNames:
         self.markers = set(markers)
         self.page = page
         self.requests: list[str] = []
+        self.sizes: list[int] = []  # each flat page's size asked for (at most `page`)
         self.before_answer: list = []  # async callables run before a flat page is answered
 
     def info(self, name: str) -> BlobInfo:
         metadata = {"hdi_isfolder": "true"} if name in self.markers else {}
         return BlobInfo(name, 0 if metadata else 1, "e", 0.0, metadata)
 
-    async def list_page(self, prefix: str, marker: str | None) -> ListPage:
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000
+                        ) -> ListPage:
         self.requests.append(f"flat {prefix} {marker}")
         for hook in self.before_answer:
             await hook()
         under = [name for name in self.names if name.startswith(prefix)]
         start = bisect.bisect_right(under, marker) if marker else 0
-        chunk = under[start:start + self.page]
-        more = start + self.page < len(under)
+        size = min(size, self.page)
+        self.sizes.append(size)
+        chunk = under[start:start + size]
+        more = start + size < len(under)
         return ListPage([self.info(name) for name in chunk], [], chunk[-1] if more else None)
 
     async def list_subtree_small(self, prefix: str, limit: int) -> tuple[list[BlobInfo], bool]:
@@ -191,6 +195,43 @@ def test_a_slow_walk_through_small_directories_refreshes_pages_not_each_director
         assert all(seen[f"w/d{i:04}"] == {"link"} for i in range(count))
         assert windows > 4  # the listings expired several times during the walk
         assert len(driver.requests) <= 2 + 2 * windows, driver.requests
+
+    trio.run(main)
+
+
+class SlowPages(PagedNames):
+    """Flat pages that take `per_blob` seconds a blob to come (Azurite with many blobs:
+    5,000 in about a second)."""
+
+    def __init__(self, names: list[str], page: int, per_blob: float) -> None:
+        super().__init__(names, page)
+        self.per_blob = per_blob
+
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000
+                        ) -> ListPage:
+        await trio.sleep(min(size, self.page) * self.per_blob)
+        return await super().list_page(prefix, marker, size)
+
+
+def test_flat_pages_shrink_to_what_azure_lists_within_a_share_of_dir_timeout() -> None:
+    """A page of 5,000 that takes longer than dir_timeout is stale when it comes: the walk
+    waited for it and may keep none of it (listings live dir_timeout from the request). The
+    scan measures how fast full pages come and asks for as many as come within a quarter of
+    dir_timeout (here 0.2 s at 10,000 blobs a second: 500), and the walk still sees all."""
+    async def main() -> None:
+        count = 6000
+        names = [f"r/d{i:04}/f" for i in range(count)]
+        driver = SlowPages(names, page=5000, per_blob=0.0001)  # 5,000: 0.5 s
+        ns = Namespace(Config(dir_timeout=0.2), driver)  # type: ignore[arg-type]
+        seen: dict[str, set[str]] = {}
+        await walk(ns, "", seen)
+        assert seen["r"] == {f"d{i:04}" for i in range(count)}
+        assert all(seen[f"r/d{i:04}"] == {"f"} for i in range(count))
+        assert driver.sizes[0] == 5000  # nothing measured yet: a whole page
+        assert driver.sizes[1:] and all(size == MIN_PAGE for size in driver.sizes[1:]), \
+            driver.sizes
+        # Each 500-blob page (0.05 s) serves the walk for the rest of dir_timeout.
+        assert len(driver.requests) <= 2 * (1 + count // MIN_PAGE), driver.requests
 
     trio.run(main)
 

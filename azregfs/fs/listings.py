@@ -3,8 +3,9 @@ mount's own changes.
 
 Invariants:
 - A cached listing is what Azure returned, patched with every change this mount made to
-  that directory since (``note``). Its lifetime is never extended by a patch, so another
-  host's change still shows within dir_timeout.
+  that directory since (``note``). It lives dir_timeout from when its request was sent,
+  not from the reply (a slow LIST's answer is that much older), and its lifetime is never
+  extended by a patch, so another host's change still shows within dir_timeout.
 - Every fetch in flight for a directory records the changes noted meanwhile and applies
   them to what Azure returned before it is cached, since the LIST may have been answered
   before or after the change landed. A whole-directory change (``changed``) while a fetch
@@ -80,14 +81,17 @@ def _listing_bytes(entries: dict[str, Entry]) -> int:
 
 
 class ListingCache:
-    """Listings by directory path, each for `ttl` seconds from when it was kept, the least
-    recently used dropped first past `maxsize` estimated bytes (``_listing_bytes``, taken
-    when kept). cachetools' TTLCache does the same at about three times the CPU: a walk's
-    flat page keeps thousands of listings at once (a registry's 5,000 blobs make some 6,700
+    """Listings by directory path, each for `ttl` seconds from when its request was sent
+    (``put``: an answer is as old as the question, not the reply), the least recently used
+    dropped first past `maxsize` estimated bytes (``_listing_bytes``, taken when kept).
+    cachetools' TTLCache does the same at about three times the CPU: a walk's flat page
+    keeps thousands of listings at once (a registry's 5,000 blobs make some 6,700
     directories). Every listing lives for the same ttl, so the order they were kept in is
-    the order they expire in: a queue of (deadline, path) finds the expired ones without a
-    scan. It holds no listing (a dropped one is freed at once): an entry of it whose path
-    was dropped, or kept again since with a later deadline, is skipped."""
+    about the order they expire in: a queue of (deadline, path) finds the expired ones
+    without a scan. One kept after a slower request asked before it expires behind it: it
+    is dropped when read, or when the queue reaches it. The queue holds no listing (a
+    dropped one is freed at once): an entry of it whose path was dropped, or kept again
+    since with a later deadline, is skipped."""
 
     def __init__(self, maxsize: int, ttl: float,
                  timer: Callable[[], float] = time.monotonic) -> None:
@@ -116,13 +120,20 @@ class ListingCache:
         return item[0]
 
     def __setitem__(self, path: str, entries: dict[str, Entry]) -> None:
+        self.put(path, entries)
+
+    def put(self, path: str, entries: dict[str, Entry], asked_at: float | None = None) -> None:
+        """Keep a listing until `ttl` after `asked_at` (its request's sending; None: now).
+        One already that old replaces nothing and is not kept: its caller still has it."""
         now = self.timer()
         self._expire(now)
+        deadline = (now if asked_at is None else asked_at) + self.ttl
+        if deadline <= now:
+            return
         self.pop(path, None)
         size = _listing_bytes(entries)
         if size > self.maxsize:
             return
-        deadline = now + self.ttl
         self._items[path] = (entries, size, deadline)
         self._deadlines.append((deadline, path))
         self.currsize += size
@@ -206,6 +217,7 @@ class Listings:
         for _ in range(attempts):
             record = _Fetch()
             self.fetching.setdefault(path, []).append(record)
+            asked_at = time.monotonic()
             try:
                 entries = await fetch(path)
             finally:
@@ -224,7 +236,7 @@ class Listings:
                 else:
                     entries[name] = entry
             if not record.invalidated:
-                self.keep(path, entries)
+                self.keep(path, entries, asked_at)
                 return entries
         return entries  # changed all along: right for this caller, not worth keeping
 
@@ -274,7 +286,7 @@ class Listings:
         if not whole:
             self.big_subtrees[path] = limit  # more than that: not tried again soon
             if blobs and generation == self.generation:
-                self._keep_first_page(path, blobs, limit)
+                self._keep_first_page(path, blobs, limit, asked_at)
             return None
         listings = self.tree(path, blobs)
         if generation != self.generation:
@@ -282,13 +294,14 @@ class Listings:
             # the directory asked about is answered, from a fresh level listing.
             return await self.level_if_small(path)
         for directory, entries in listings.items():
-            self.keep(directory, entries)
+            self.keep(directory, entries, asked_at)
             self.small_dirs[directory] = True
         if listed is not None:
             listed(blobs, asked_at, generation)
         return listings[path]
 
-    def _keep_first_page(self, path: str, blobs: list[BlobInfo], limit: int) -> None:
+    def _keep_first_page(self, path: str, blobs: list[BlobInfo], limit: int,
+                         asked_at: float) -> None:
         """A flat LIST of path brought only its first blobs (more than `limit` lie below).
         Every name they hold exists, with its blob (a directory's marker sorts before its
         names, so a directory seen here shows its marker too, if it has one): kept as
@@ -296,7 +309,7 @@ class Listings:
         last of them holds as many: no flat LIST of it within `limit` is tried either."""
         first, last = blobs[0].name, blobs[-1].name
         for directory, entries in self.tree(path, blobs).items():
-            self.partial[directory] = entries
+            self.partial.put(directory, entries, asked_at)
             prefix = self.dir_prefix(directory)
             if first.startswith(prefix) and last.startswith(prefix) and \
                     self.big_subtrees.get(directory, 0) < limit:
@@ -309,14 +322,15 @@ class Listings:
         listing = self.partial.get(parent)
         return listing.get(name) if listing is not None else None
 
-    def keep(self, path: str, entries: dict[str, Entry]) -> None:
-        """Keep a listing for dir_timeout, unless it alone is bigger than the whole cache
-        (such a directory is listed again by each reader: pages, not memory)."""
-        self.cache[path] = entries
+    def keep(self, path: str, entries: dict[str, Entry], asked_at: float) -> None:
+        """Keep a listing until dir_timeout after its request was sent (`asked_at`), unless
+        it alone is bigger than the whole cache (such a directory is listed again by each
+        reader: pages, not memory)."""
+        self.cache.put(path, entries, asked_at)
 
-    def keep_walked(self, path: str, entries: dict[str, Entry]) -> None:
+    def keep_walked(self, path: str, entries: dict[str, Entry], asked_at: float) -> None:
         """A directory's whole listing from a walk's flat page (scans.py)."""
-        self.keep(path, entries)
+        self.keep(path, entries, asked_at)
         if len(entries) <= SMALL_LISTING:
             self.small_dirs[path] = True
 

@@ -3,10 +3,11 @@
 A walk (find, du, rsync, a registry's garbage-collect or catalog) reads every directory of
 a subtree, in name order. Listed one by one, the directories cost a request each, and a
 registry has about as many directories as files. A scan lists the subtree flat instead (no
-delimiter, 5,000 blobs a page), fetches the next page only when the walk reaches names past
-the pages it has, and caches the listing of every directory a page holds whole. A walk
-costs about objects / 5,000 requests, plus one level listing for each directory that
-straddles a page boundary (the ancestors of the boundary names: a handful a page).
+delimiter, up to 5,000 blobs a page), fetches the next page only when the walk reaches
+names past the pages it has, and caches the listing of every directory a page holds whole.
+A walk costs about objects / 5,000 requests (more when Azure lists slowly: smaller pages,
+below), plus one level listing for each directory that straddles a page boundary (the
+ancestors of the boundary names: a handful a page).
 
 Invariants:
 - Azure lists names in order, so the names under one directory are consecutive, and page i
@@ -19,7 +20,10 @@ Invariants:
   than list it by level. A scan never answers another directory that a boundary falls in,
   nor one that a refetched page cut: the caller lists those by level.
 - Each listing is cached for dir_timeout from when its page was asked for, like any other
-  (listings.py). A directory whose listing expired is refreshed with what the walk will read
+  (listings.py). So a page is asked for no bigger than Azure lists within
+  PAGE_LATENCY_SHARE of dir_timeout, as measured on the full pages so far (``page_size``,
+  MIN_PAGE to 5,000): a page that comes later than dir_timeout is of no use to anyone.
+- A directory whose listing expired is refreshed with what the walk will read
   next (``_refresh``): its whole page again, from the page's continuation marker, when the
   walk is fast enough to use it; else the biggest subtree around it that the page held
   whole, flat, if it holds at least a quarter of what the walk will cross in two
@@ -68,6 +72,10 @@ from .nodes import Entry, FSError, ancestors, is_under, parent_of
 log = logging.getLogger(__name__)
 
 PAGES_AHEAD = 2
+MIN_PAGE = 500  # the smallest flat page a scan asks for, however slow Azure lists
+# Of dir_timeout, how long a flat page's LIST may take: the rest is what the walk has to
+# read it before its listings expire (they live dir_timeout from the request).
+PAGE_LATENCY_SHARE = 0.25
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
 HOT_SIBLINGS = 3  # children of one directory missed by lookups within dir_timeout: scan it
@@ -172,6 +180,7 @@ class Scans:
         self.lists = listings
         self.dir_timeout = dir_timeout
         self.scans: cachetools.LRUCache[str, Scan] = cachetools.LRUCache(maxsize=MAX_SCANS)
+        self.list_rate: float | None = None  # blobs a second full flat pages came in at
         # directory -> its children in which lookups just missed (for_lookup)
         self.missed_under: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
             maxsize=4096, ttl=max(dir_timeout, 0.001))
@@ -321,6 +330,22 @@ class Scans:
         if where < len(scan.pages):
             scan.pages[where].refreshed, scan.pages[where].pace = (now, done), pace
 
+    def page_size(self) -> int:
+        """The blobs to ask of a flat page: as many as Azure lists within
+        PAGE_LATENCY_SHARE of dir_timeout, at the rate full pages came in so far, between
+        MIN_PAGE and LIST_PAGE. A page of 5,000 that takes longer than dir_timeout (Azurite
+        with many blobs) is stale on arrival: the walk would wait for it, get nothing it
+        may keep, and ask for it again."""
+        if self.list_rate is None:
+            return LIST_PAGE
+        wanted = int(self.list_rate * self.dir_timeout * PAGE_LATENCY_SHARE)
+        return max(MIN_PAGE, min(LIST_PAGE, wanted))
+
+    def _measured(self, blobs: int, took: float) -> None:
+        """A full flat page of `blobs` came in `took` seconds after it was asked for."""
+        rate = blobs / max(took, 1e-3)
+        self.list_rate = rate if self.list_rate is None else (self.list_rate + rate) / 2
+
     def _start(self, path: str) -> Scan:
         scan = self.scans[path] = Scan(path, self.lists.dir_prefix(path))
         return scan
@@ -336,11 +361,13 @@ class Scans:
         self.lists.watchers.append(changed)
         asked_at, generation = time.monotonic(), self.lists.generation
         try:
-            page = await self.lists.driver.list_page(scan.prefix, marker)
+            page = await self.lists.driver.list_page(scan.prefix, marker, self.page_size())
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         finally:
             self.lists.watchers.remove(changed)
+        if page.next_marker is not None:  # a full page: its size set how long it took
+            self._measured(len(page.blobs), time.monotonic() - asked_at)
         previous_last = scan.pages[index - 1].last if index else None
         last = page.blobs[-1].name if page.blobs else previous_last
         del scan.pages[index:]
@@ -354,7 +381,7 @@ class Scans:
                                   page.next_marker is None, carried)
         for directory in whole:
             if not changed.touches(directory):
-                self.lists.keep_walked(directory, listings[directory])
+                self.lists.keep_walked(directory, listings[directory], asked_at)
         if page.next_marker is not None and last is not None:
             for directory in listings.keys() - set(whole):
                 began_here = not _under(previous_last, prefixes[directory])

@@ -524,11 +524,12 @@ class Driver:
 
         return await self._run(f"LIST {prefix}", call)
 
-    async def list_page(self, prefix: str, marker: str | None) -> ListPage:
-        """One page (up to LIST_PAGE blobs) of every blob under prefix, at any depth, from
-        the continuation `marker` (None: the first)."""
+    async def list_page(self, prefix: str, marker: str | None, size: int = LIST_PAGE
+                        ) -> ListPage:
+        """One page (up to `size` blobs, at most LIST_PAGE) of every blob under prefix, at
+        any depth, from the continuation `marker` (None: the first)."""
         return await self._run(f"LIST {prefix}", functools.partial(
-            self._list_page, prefix, LIST_PAGE, marker))
+            self._list_page, prefix, min(size, LIST_PAGE), marker))
 
     async def list_level(
         self, prefix: str
