@@ -164,10 +164,11 @@ class RequestMeter(SansIOHTTPPolicy):
         if log.isEnabledFor(logging.DEBUG):
             url = urlsplit(request.http_request.url)
             path = url.path
-            if op == "list":  # which listing: its prefix, delimiter and page
+            if op == "list":  # which listing: its prefix, delimiter, size and page
                 query = parse_qs(url.query)
-                path += "?" + " ".join(f"{key}={query[key][0]!r}" for key in
-                                       ("prefix", "delimiter", "marker") if key in query)
+                path += "?" + " ".join(
+                    f"{key}={query[key][0]!r}" for key in
+                    ("prefix", "delimiter", "maxresults", "marker") if key in query)
             elif "x-ms-range" in request.http_request.headers:  # which bytes
                 path += " " + request.http_request.headers["x-ms-range"]
             log.debug("azure %s %s -> %s%s %.1f ms%s [fuse %s]", op, path, status or "error",
