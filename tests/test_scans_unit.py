@@ -5,6 +5,7 @@ names as List Blobs does. The same walks against Azurite are in tests/test_walks
 from __future__ import annotations
 
 import bisect
+import hashlib
 
 import trio
 
@@ -25,14 +26,15 @@ class PagedNames:
         self.page = page
         self.requests: list[str] = []
         self.sizes: list[int] = []  # each flat page's size asked for (at most `page`)
+        self.unchanged = 0  # flat pages answered as the one the caller had
         self.before_answer: list = []  # async callables run before a flat page is answered
 
     def info(self, name: str) -> BlobInfo:
         metadata = {"hdi_isfolder": "true"} if name in self.markers else {}
         return BlobInfo(name, 0 if metadata else 1, "e", 0.0, metadata)
 
-    async def list_page(self, prefix: str, marker: str | None, size: int = 5000
-                        ) -> ListPage:
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000,
+                        same_as: bytes = b"") -> ListPage:
         self.requests.append(f"flat {prefix} {marker}")
         for hook in self.before_answer:
             await hook()
@@ -42,7 +44,12 @@ class PagedNames:
         self.sizes.append(size)
         chunk = under[start:start + size]
         more = start + size < len(under)
-        return ListPage([self.info(name) for name in chunk], [], chunk[-1] if more else None)
+        digest = hashlib.blake2b(repr((chunk, more, sorted(self.markers))).encode()).digest()
+        if same_as == digest:
+            self.unchanged += 1
+            return ListPage([], [], None, digest, unchanged=True)
+        return ListPage([self.info(name) for name in chunk], [], chunk[-1] if more else None,
+                        digest)
 
     async def list_subtree_small(self, prefix: str, limit: int) -> tuple[list[BlobInfo], bool]:
         self.requests.append(f"subtree {prefix}")
@@ -200,17 +207,19 @@ def test_a_slow_walk_through_small_directories_refreshes_pages_not_each_director
 
 
 class SlowPages(PagedNames):
-    """Flat pages that take `per_blob` seconds a blob to come (Azurite with many blobs:
-    5,000 in about a second)."""
+    """Flat pages that take `per_blob` seconds a blob they hold to come (Azurite with many
+    blobs: 5,000 in about a second)."""
 
     def __init__(self, names: list[str], page: int, per_blob: float) -> None:
         super().__init__(names, page)
         self.per_blob = per_blob
 
-    async def list_page(self, prefix: str, marker: str | None, size: int = 5000
-                        ) -> ListPage:
-        await trio.sleep(min(size, self.page) * self.per_blob)
-        return await super().list_page(prefix, marker, size)
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000,
+                        same_as: bytes = b"") -> ListPage:
+        under = [name for name in self.names if name.startswith(prefix)]
+        start = bisect.bisect_right(under, marker) if marker else 0
+        await trio.sleep(len(under[start:start + min(size, self.page)]) * self.per_blob)
+        return await super().list_page(prefix, marker, size, same_as)
 
 
 def test_flat_pages_shrink_to_what_azure_lists_within_a_share_of_dir_timeout() -> None:
@@ -232,6 +241,46 @@ def test_flat_pages_shrink_to_what_azure_lists_within_a_share_of_dir_timeout() -
             driver.sizes
         # Each 500-blob page (0.05 s) serves the walk for the rest of dir_timeout.
         assert len(driver.requests) <= 2 * (1 + count // MIN_PAGE), driver.requests
+
+    trio.run(main)
+
+
+def test_a_page_asked_for_again_with_the_same_answer_is_not_parsed_again() -> None:
+    """A walk slower than dir_timeout asks for its page again and again (a continuation
+    cannot start where the walk is). When Azure's answer is the one the page had and this
+    mount changed nothing, the listings it made are kept anew, not rebuilt; a change by
+    another host (a new answer) or by this mount (a listing patched since) is parsed."""
+    async def main() -> None:
+        names = [f"w/d{i:03}/f" for i in range(40)] + [f"x/d{i:03}/f" for i in range(40)]
+        driver = PagedNames(names, page=1000)  # one page holds it all
+        ns = Namespace(Config(dir_timeout=0.05), driver)  # type: ignore[arg-type]
+        seen: dict[str, set[str]] = {}
+        for top in ("", "w", "x"):
+            seen[top] = set(await ns.listing(ns.node_for(top, True)))
+        assert driver.requests == ["flat  None"]
+        for i in range(40):
+            await trio.sleep(0.01)  # expires about every five directories
+            path = f"w/d{i:03}"
+            seen[path] = set(await ns.listing(ns.node_for(path, True)))
+        refetched = sum(request == "flat  None" for request in driver.requests)
+        assert refetched >= 4 and driver.unchanged == refetched - 1, driver.requests
+        assert all(seen[f"w/d{i:03}"] == {"f"} for i in range(40))
+        # Another host adds a file: a new answer, parsed.
+        driver.names = sorted(driver.names + ["x/d005/g"])
+        await trio.sleep(0.06)
+        unchanged = driver.unchanged
+        assert set(await ns.listing(ns.node_for("x/d005", True))) == {"f", "g"}
+        assert driver.unchanged == unchanged
+        # This mount removes a file: its own change, never undone by a page made earlier.
+        await trio.sleep(0.06)
+        listing = await ns.listing(ns.node_for("x/d006", True))
+        assert set(listing) == {"f"}
+        ns.lists.note("x/d006/f", None)
+        driver.names.remove("x/d006/f")
+        assert set(await ns.listing(ns.node_for("x/d006", True))) == set()
+        await trio.sleep(0.06)
+        assert set(await ns.listing(ns.node_for("x/d006", True))) == set()
+        assert set(await ns.listing(ns.node_for("x/d007", True))) == {"f"}
 
     trio.run(main)
 

@@ -202,8 +202,8 @@ class SlowListing:
     async def list_subtree_small(self, prefix: str, limit: int):
         return [], False  # too big to list flat: the level listing below is what is tested
 
-    async def list_page(self, prefix: str, marker: str | None, size: int = 5000
-                        ) -> ListPage:
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000,
+                        same_as: bytes = b"") -> ListPage:
         # A walk's first flat page, with more to come: the directory is listed by level.
         return ListPage([BlobInfo(prefix + "zz/deep", 1, "e", 0.0)], [], "more")
 

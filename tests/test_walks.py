@@ -19,9 +19,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import trio
 from conftest import create_blobs, need
 
+from azregfs.config import Config
 from azregfs.demo.oci import registry_config
+from azregfs.storage.driver import Driver
 from testkit import synthetic
 
 
@@ -130,3 +133,26 @@ def test_a_walk_slower_than_dir_timeout_costs_requests_per_dir_timeout_not_per_d
     print(f"{count} directories in {windows:.1f} dir_timeouts: {walked}")
     assert windows > 3, "the walk should outlast its listings"
     assert walked.get("list", 0) <= 2 + 2 * windows, walked
+
+
+def test_a_page_asked_for_again_is_parsed_only_when_its_answer_changed(azurite, container) -> None:
+    """What a walk's refresh relies on (fs/scans.py, _fetch): Azure answers the same LIST
+    with the same body while nothing under it changed, so a page asked for again with the
+    digest of the one the walk has is not parsed; any change to a blob in it is."""
+    create_blobs(container, [f"p/{i:03}" for i in range(30)], b"x")
+    driver = Driver(Config(connection_string=azurite.connection_string,
+                           container=container.container_name))
+
+    async def main() -> None:
+        first = await driver.list_page("p/", None, 20)
+        assert len(first.blobs) == 20 and first.next_marker and first.digest
+        again = await driver.list_page("p/", None, 20, first.digest)
+        assert again.unchanged and not again.blobs
+        container.get_blob_client("p/007").upload_blob(b"y", overwrite=True)
+        changed = await driver.list_page("p/", None, 20, first.digest)
+        assert not changed.unchanged and len(changed.blobs) == 20
+        assert changed.digest != first.digest
+        second = await driver.list_page("p/", first.next_marker, 20, first.digest)
+        assert not second.unchanged and len(second.blobs) == 10  # another page: parsed
+
+    trio.run(main)

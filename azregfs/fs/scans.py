@@ -34,6 +34,11 @@ Invariants:
   nothing: its page again, not a level listing of each directory.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
   directories it touched out of the cache (the page may predate the change).
+- A page asked for again whose answer has the digest of the one it had, while this mount
+  changed nothing since (Listings.generation), is not parsed again: the listings it made
+  (``made``, the last MADE_KEPT pages) are kept anew from the new request's time. Azure
+  said the same, so they are what parsing would give; a walk slower than dir_timeout asks
+  for its page many times.
 - A lookup's flat listing of a small subtree (Namespace._ask) is adopted as the one page
   of a scan of that subtree (``adopt``): a walk through it after its listings expired
   finds that scan, not none (which started a scan at each directory it came to).
@@ -48,8 +53,9 @@ Invariants:
 - A scan fetches at most PAGES_AHEAD pages to reach a directory further on; past that, the
   directory gets a scan of its own (a walk that prunes big subtrees does not page through
   them).
-- Memory: a scan keeps its page boundaries (two names a page); listings live in the listing
-  cache, bounded in bytes. At most MAX_SCANS scans are kept, the least recently used dropped.
+- Memory: a scan keeps its page boundaries (two names a page and a sample of SAMPLES);
+  listings live in the listing cache, bounded in bytes, and in ``made`` (MADE_KEPT pages'
+  worth). At most MAX_SCANS scans are kept, the least recently used dropped.
 
 Code between two ``await``s is atomic (trio); one page of a scan is fetched at a time.
 """
@@ -59,6 +65,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -78,6 +85,7 @@ MIN_PAGE = 500  # the smallest flat page a scan asks for, however slow Azure lis
 PAGE_LATENCY_SHARE = 0.25
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
+MADE_KEPT = 2  # pages whose listings are kept to be made again without parsing (_fetch)
 HOT_SIBLINGS = 3  # children of one directory missed by lookups within dir_timeout: scan it
 MAX_CARRIED = 5000  # entries a directory going on into the next page may carry
 AHEAD = -1  # locate(): the names lie past the pages fetched so far
@@ -96,6 +104,8 @@ class Page:
     refreshed: tuple[float, int] | None = None  # when, and how far in, the last refresh was
     pace: float = 0.0  # blobs the walk crossed per dir_timeout, as last estimated
     generation: int = -1  # Listings.generation when it was asked for
+    size: int = 0  # the blobs asked for
+    digest: bytes = b""  # of the answer (ListPage.digest)
 
 
 @dataclass
@@ -132,11 +142,13 @@ class Scan:
 
 
 def _page(marker: str | None, blobs: list[BlobInfo], last: str | None,
-          next_marker: str | None, asked_at: float, generation: int) -> Page:
+          next_marker: str | None, asked_at: float, generation: int, size: int = 0,
+          digest: bytes = b"") -> Page:
     """A page holding these blobs, with its sample of every stride-th name."""
     stride = max(1, len(blobs) // SAMPLES)
     return Page(marker, last, next_marker, asked_at, len(blobs), stride,
-                [blob.name for blob in blobs[::stride]], generation=generation)
+                [blob.name for blob in blobs[::stride]], generation=generation, size=size,
+                digest=digest)
 
 
 def _span(page: Page, dir_prefix: str) -> int:
@@ -181,6 +193,9 @@ class Scans:
         self.dir_timeout = dir_timeout
         self.scans: cachetools.LRUCache[str, Scan] = cachetools.LRUCache(maxsize=MAX_SCANS)
         self.list_rate: float | None = None  # blobs a second full flat pages came in at
+        # The listings the last MADE_KEPT pages fetched made (Listings.tree), by page: one
+        # asked for again with the same answer makes them again without parsing (_fetch).
+        self.made: OrderedDict[int, tuple[Page, dict[str, dict[str, Entry]]]] = OrderedDict()
         # directory -> its children in which lookups just missed (for_lookup)
         self.missed_under: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
             maxsize=4096, ttl=max(dir_timeout, 0.001))
@@ -351,38 +366,69 @@ class Scans:
         return scan
 
     async def _fetch(self, scan: Scan, index: int) -> None:
-        """(Re)fetch page `index` of a scan; cache every directory it holds whole."""
+        """(Re)fetch page `index` of a scan; cache every directory it holds whole.
+
+        A page asked for again (its listings expired under the walk) whose answer is the
+        one it had, while this mount changed nothing since, is neither parsed nor turned
+        into listings again: the listings it made (``made``) are kept anew, from this
+        request's time. What Azure said is the same, so they are what parsing would give."""
         marker = scan.pages[index - 1].next_marker if index else None
         # Carried entries hold while this mount changed nothing since they were listed.
         carried = scan.carry if index == len(scan.pages) and \
             scan.carried_at == self.lists.generation else {}
         scan.carry = {}
+        size = self.page_size()
+        old = scan.pages[index] if index < len(scan.pages) else None
+        if old is not None and old.size and size >= old.size * 0.8:
+            size = old.size  # the same request again: its answer may be the same (``made``)
+        made = self.made.get(id(old)) if old is not None else None
+        if made is not None and (made[0] is not old or old.size != size or
+                                 old.generation != self.lists.generation):
+            made = None
         changed = Watch()
         self.lists.watchers.append(changed)
         asked_at, generation = time.monotonic(), self.lists.generation
         try:
-            page = await self.lists.driver.list_page(scan.prefix, marker, self.page_size())
+            page = await self.lists.driver.list_page(
+                scan.prefix, marker, size, old.digest if made is not None else b"")
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         finally:
             self.lists.watchers.remove(changed)
-        if page.next_marker is not None:  # a full page: its size set how long it took
-            self._measured(len(page.blobs), time.monotonic() - asked_at)
         previous_last = scan.pages[index - 1].last if index else None
-        last = page.blobs[-1].name if page.blobs else previous_last
+        if page.unchanged and made is not None and old is not None:
+            log.debug("page %d of the scan of %r asked for again: unchanged, not parsed",
+                      index, scan.root)
+            built, kept = made[1], old
+            last, next_marker = old.last, old.next_marker
+            new = Page(marker, old.last, old.next_marker, asked_at, old.blobs, old.stride,
+                       old.sample, generation=generation, size=size, digest=old.digest)
+        else:
+            if page.next_marker is not None:  # a full page: its size set how long it took
+                self._measured(len(page.blobs), time.monotonic() - asked_at)
+            built = self.lists.tree(scan.root, page.blobs)
+            last = page.blobs[-1].name if page.blobs else previous_last
+            next_marker = page.next_marker
+            new = _page(marker, page.blobs, last, next_marker, asked_at, generation, size,
+                        page.digest)
+            kept = None
+        if kept is not None:
+            self.made.pop(id(kept), None)
+        self.made[id(new)] = (new, built)
+        while len(self.made) > MADE_KEPT:
+            self.made.popitem(last=False)
         del scan.pages[index:]
-        scan.pages.append(_page(marker, page.blobs, last, page.next_marker, asked_at,
-                                generation))
-        listings = self.lists.tree(scan.root, page.blobs)
+        scan.pages.append(new)
+        listings = dict(built)  # built stays as parsing made it: carried entries go here
         for directory, entries in carried.items():
             listings[directory] = {**entries, **listings.get(directory, {})}
         prefixes = {directory: self.lists.dir_prefix(directory) for directory in listings}
         whole = whole_directories(listings, prefixes, previous_last, last,
-                                  page.next_marker is None, carried)
+                                  next_marker is None, carried)
         for directory in whole:
             if not changed.touches(directory):
                 self.lists.keep_walked(directory, listings[directory], asked_at)
-        if page.next_marker is not None and last is not None:
+        if next_marker is not None and last is not None:
             for directory in listings.keys() - set(whole):
                 began_here = not _under(previous_last, prefixes[directory])
                 if (began_here or directory in carried) and last.startswith(

@@ -55,6 +55,8 @@ class ListPage:
     blobs: list[BlobInfo]
     prefixes: list[str]  # with a delimiter: the names of the levels below, ending in it
     next_marker: str | None  # None: this was the last page
+    digest: bytes = b""  # of the answer's body: the same digest, the same page
+    unchanged: bool = False  # the answer was the one the caller had (nothing parsed)
 
 
 def list_query(prefix: str, delimiter: str | None, max_results: int,

@@ -460,9 +460,10 @@ class Driver:
         return await self._run(f"HEAD {name}", call)
 
     def _list_page(self, prefix: str, max_results: int, marker: str | None = None,
-                   delimiter: str | None = None) -> ListPage:
+                   delimiter: str | None = None, same_as: bytes = b"") -> ListPage:
         """One List Blobs request, in a worker thread. Through the client's own pipeline
-        (credentials, retries, the request meter), but parsed by blobs.py, not the SDK."""
+        (credentials, retries, the request meter), but parsed by blobs.py, not the SDK.
+        An answer whose body has the digest `same_as` is not parsed: the caller has it."""
         base, _, sas = self.container.url.partition("?")
         query = list_query(prefix, delimiter, max_results, marker)
         for attempt in range(self.cfg.retries + 1):
@@ -481,7 +482,12 @@ class Driver:
                 continue
             if response.status_code != 200:
                 raise _refusal(response)
-            return parse_list(body)
+            digest = hashlib.blake2b(body, digest_size=16).digest()
+            if same_as and digest == same_as:
+                return ListPage([], [], None, digest, unchanged=True)
+            page = parse_list(body)
+            page.digest = digest
+            return page
         raise AssertionError("unreachable")
 
     async def has_children(self, prefix: str) -> bool:
@@ -524,12 +530,15 @@ class Driver:
 
         return await self._run(f"LIST {prefix}", call)
 
-    async def list_page(self, prefix: str, marker: str | None, size: int = LIST_PAGE
-                        ) -> ListPage:
+    async def list_page(self, prefix: str, marker: str | None, size: int = LIST_PAGE,
+                        same_as: bytes = b"") -> ListPage:
         """One page (up to `size` blobs, at most LIST_PAGE) of every blob under prefix, at
-        any depth, from the continuation `marker` (None: the first)."""
+        any depth, from the continuation `marker` (None: the first). If its answer is the
+        one of digest `same_as` (an earlier ListPage.digest), an empty page marked
+        ``unchanged``: a walk asking again for a page it has (listings expire under it)
+        then parses nothing."""
         return await self._run(f"LIST {prefix}", functools.partial(
-            self._list_page, prefix, min(size, LIST_PAGE), marker))
+            self._list_page, prefix, min(size, LIST_PAGE), marker, None, same_as))
 
     async def list_level(
         self, prefix: str
