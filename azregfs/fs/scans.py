@@ -67,7 +67,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cachetools
 import trio
@@ -381,9 +381,9 @@ class Scans:
         old = scan.pages[index] if index < len(scan.pages) else None
         if old is not None and old.size and size >= old.size * 0.8:
             size = old.size  # the same request again: its answer may be the same (``made``)
-        made = self.made.get(id(old)) if old is not None else None
-        if made is not None and (made[0] is not old or old.size != size or
-                                 old.generation != self.lists.generation):
+        # Held by ``made``, a page's id is not reused while it is there.
+        made = self.made.pop(id(old), None) if old is not None else None
+        if made is not None and (old.size != size or old.generation != self.lists.generation):
             made = None
         changed = Watch()
         self.lists.watchers.append(changed)
@@ -399,10 +399,10 @@ class Scans:
         if page.unchanged and made is not None and old is not None:
             log.debug("page %d of the scan of %r asked for again: unchanged, not parsed",
                       index, scan.root)
-            built, kept = made[1], old
+            built = made[1]
             last, next_marker = old.last, old.next_marker
-            new = Page(marker, old.last, old.next_marker, asked_at, old.blobs, old.stride,
-                       old.sample, generation=generation, size=size, digest=old.digest)
+            new = replace(old, asked_at=asked_at, generation=generation, refreshed=None,
+                          pace=0.0)
         else:
             if page.next_marker is not None:  # a full page: its size set how long it took
                 self._measured(len(page.blobs), time.monotonic() - asked_at)
@@ -411,10 +411,7 @@ class Scans:
             next_marker = page.next_marker
             new = _page(marker, page.blobs, last, next_marker, asked_at, generation, size,
                         page.digest)
-            kept = None
-        if kept is not None:
-            self.made.pop(id(kept), None)
-        self.made[id(new)] = (new, built)
+        self.made[id(new)] = (new, built)  # the page it replaces left ``made`` above
         while len(self.made) > MADE_KEPT:
             self.made.popitem(last=False)
         del scan.pages[index:]

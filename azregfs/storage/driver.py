@@ -460,10 +460,11 @@ class Driver:
         return await self._run(f"HEAD {name}", call)
 
     def _list_page(self, prefix: str, max_results: int, marker: str | None = None,
-                   delimiter: str | None = None, same_as: bytes = b"") -> ListPage:
+                   delimiter: str | None = None, same_as: bytes | None = None) -> ListPage:
         """One List Blobs request, in a worker thread. Through the client's own pipeline
         (credentials, retries, the request meter), but parsed by blobs.py, not the SDK.
-        An answer whose body has the digest `same_as` is not parsed: the caller has it."""
+        With `same_as` (not None) the page gets its body's digest, and an answer whose
+        digest it is is not parsed: the caller has it. Only a walk's pages need one."""
         base, _, sas = self.container.url.partition("?")
         query = list_query(prefix, delimiter, max_results, marker)
         for attempt in range(self.cfg.retries + 1):
@@ -482,8 +483,10 @@ class Driver:
                 continue
             if response.status_code != 200:
                 raise _refusal(response)
+            if same_as is None:
+                return parse_list(body)
             digest = hashlib.blake2b(body, digest_size=16).digest()
-            if same_as and digest == same_as:
+            if digest == same_as:
                 return ListPage([], [], None, digest, unchanged=True)
             page = parse_list(body)
             page.digest = digest
