@@ -411,6 +411,66 @@ def test_lookups_missing_in_many_children_of_one_directory_scan_it() -> None:
     trio.run(main)
 
 
+def test_small_scans_adopted_by_lookups_do_not_hide_their_hot_parent() -> None:
+    """A garbage-collect reads blobs/sha256/<2 hex>/<digest>/data in no order a walk
+    follows: each first lookup lists its <2 hex> flat, adopted as a scan of its own. Once
+    those expire, lookups in many of them scan the parent (a page for all), not each again."""
+    async def main() -> None:
+        names = [f"blobs/{d:02x}/{h}{d:02x}/data" for d in range(40) for h in "abc"]
+        driver = PagedNames(names, page=1000)
+        ns = Namespace(Config(dir_timeout=0.05), driver)  # type: ignore[arg-type]
+        for d in range(40):  # one at a time, slower than dir_timeout: each by itself
+            assert (await ns.resolve(f"blobs/{d:02x}/a{d:02x}")).is_dir
+            await trio.sleep(0.06)
+        assert ns.scans.covering("blobs/05").root == "blobs/05"  # adopted
+        driver.requests.clear()
+        for d in range(40):  # now quickly, each small scan expired
+            assert (await ns.resolve(f"blobs/{d:02x}/b{d:02x}")).is_dir
+        assert "flat blobs/ None" in driver.requests
+        assert len(driver.requests) <= 6, driver.requests  # was 40: one per <2 hex>
+
+    trio.run(main)
+
+
+def test_lookups_in_a_hot_scan_fetch_the_pages_ahead_they_need() -> None:
+    """A hot directory's scan (lookups missed in many of its children) answers lookups past
+    its first page too: a page for many children, not a flat listing of each."""
+    async def main() -> None:
+        names = [f"blobs/{d:02x}/{h}{d:02x}/data" for d in range(40) for h in "abc"]
+        driver = PagedNames(names, page=40)  # 3 pages of 40 names
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        for d in (0, 1):
+            assert await ns.scans.for_lookup(f"blobs/{d:02x}") is None
+        assert set(await ns.scans.for_lookup("blobs/02")) == {"a02", "b02", "c02"}
+        driver.requests.clear()
+        for d in range(3, 40):
+            entry = await ns.resolve(f"blobs/{d:02x}/a{d:02x}")
+            assert entry is not None and entry.is_dir
+        assert [r for r in driver.requests if r.startswith("flat")] == [
+            "flat blobs/ blobs/0d/a0d/data", "flat blobs/ blobs/1a/b1a/data"]
+        assert len(driver.requests) <= 4, driver.requests  # was 2 a child: 74
+
+    trio.run(main)
+
+
+def test_a_page_refetched_with_the_continuation_it_had_keeps_the_pages_after_it() -> None:
+    async def main() -> None:
+        names = [f"d{d}/f{f}" for d in range(6) for f in range(4)]
+        driver = PagedNames(names, page=8)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        await walk(ns, "", {})
+        scan = ns.scans.covering("d5")
+        assert len(scan.pages) == 3
+        await ns.scans._fetch(scan, 0)  # the same answer: pages 1 and 2 still follow it
+        assert [page.marker for page in scan.pages] == [None, "d1/f3", "d3/f3"]
+        driver.names = sorted(driver.names + ["d0/f00"])  # page 0 now ends a name earlier
+        await ns.scans._fetch(scan, 0)
+        assert [page.marker for page in scan.pages] == [None]  # they may not follow it
+        assert scan.pages[0].next_marker == "d1/f2"
+
+    trio.run(main)
+
+
 class WithHeads(PagedNames):
     """PagedNames with the requests a lookup miss may add: HEAD and a small level page."""
 

@@ -28,8 +28,10 @@ Invariants:
   walk is fast enough to use it; else the biggest subtree around it that the page held
   whole, flat, if it holds at least a quarter of what the walk will cross in two
   dir_timeouts (at most twice the requests of the page again); else the page. Never each
-  small directory by itself. The pages after a refetched page are
-  forgotten, as their boundaries may have moved. So is a fresh page whose listings the
+  small directory by itself. The pages after a refetched page stay if its continuation
+  marker is the one it had (they still begin where it ends; what it carries goes to the
+  next, ``carry_to``), else they are forgotten, as their boundaries may have moved. So is
+  a fresh page whose listings the
   cache pushed out (a walk bigger than listing_cache_size) while this mount changed
   nothing: its page again, not a level listing of each directory.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
@@ -47,9 +49,12 @@ Invariants:
   revalidates a walk's ancestors every dir_entry_timeout, long after their own listings
   expired, and a LIST of each is not needed to know they are still directories.
 - Lookups use scans too (``for_lookup``): the one that covers the directory, or one
-  started at its parent once lookups missed in HOT_SIBLINGS of its children within
-  dir_timeout. A lookup never fetches pages ahead, and refreshes a page it needed twice
-  within dir_timeout whole.
+  started at its parent (``hot``) once lookups missed in HOT_SIBLINGS of its children within
+  dir_timeout. A directory's own scan whose pages all expired (a lookup's adopted flat
+  listing) counts as a miss, and a hot parent's fresh scan answers before it: else the
+  small scans under blobs/sha256/<2 hex>/ hid a hot blobs/sha256/ (a LIST a manifest in
+  a garbage-collect). A lookup fetches pages ahead (PAGES_AHEAD) only in a hot scan, and
+  refreshes a page it needed twice within dir_timeout whole.
 - A scan fetches at most PAGES_AHEAD pages to reach a directory further on; past that, the
   directory gets a scan of its own (a walk that prunes big subtrees does not page through
   them).
@@ -118,6 +123,8 @@ class Scan:
     # completes them (a walk at such a directory fetches that page, not a level listing).
     carry: dict[str, dict[str, Entry]] = field(default_factory=dict)
     carried_at: int = -1  # Listings.generation when carried
+    carry_to: int = -1  # the page that completes them
+    hot: bool = False  # lookups in many of its children: they may fetch pages ahead too
 
     @property
     def ended(self) -> bool:
@@ -245,17 +252,31 @@ class Scans:
         dir_timeout (a garbage-collect reads manifests under blobs/sha256/<2 hex>/ in no
         order a walk follows); else None. A lookup never fetches pages ahead."""
         scan = self.covering(path)
-        if scan is None:
+        if scan is None or (path and scan.root == path and self._expired(scan)):
+            # No scan, or only this directory's own whose pages all expired (most often a
+            # lookup's adopted flat listing): a miss toward the parent's hotness. Else the
+            # small scans adopted under blobs/sha256/<2 hex>/ hid a hot blobs/sha256/.
             if not path:
                 return None
             parent = parent_of(path)
-            missed = self.missed_under.setdefault(parent, set())
-            missed.add(path)
-            if len(missed) < HOT_SIBLINGS:
-                return None
-            del self.missed_under[parent]
-            scan = self._start(parent)
+            above = self.scans.get(parent)
+            if above is not None and above.hot and not self._expired(above):
+                scan = above  # the parent was scanned for hot siblings just now
+            else:
+                missed = self.missed_under.setdefault(parent, set())
+                missed.add(path)
+                if len(missed) >= HOT_SIBLINGS:
+                    del self.missed_under[parent]
+                    scan = above or self._start(parent)
+                    scan.hot = True
+                elif scan is None:
+                    return None
         return await self._answer(scan, path, walking=False)
+
+    def _expired(self, scan: Scan) -> bool:
+        """Every page of the scan was asked for dir_timeout ago or more."""
+        now = time.monotonic()
+        return all(now - page.asked_at >= self.dir_timeout for page in scan.pages)
 
     async def _answer(self, scan: Scan, path: str, walking: bool) -> dict[str, Entry] | None:
         """The listing for a walk; for a lookup, only one fetched by this call (a missing
@@ -272,15 +293,15 @@ class Scans:
                 if entries is not None:
                     return entries
                 if walking and path in scan.carry:
-                    await self._fetch(scan, len(scan.pages))  # completes it, most often
+                    await self._fetch(scan, scan.carry_to)  # completes it, most often
                     if path in scan.carry:
                         return None  # a big directory: listed by level
                     continue
                 where = scan.locate(dir_prefix)
                 if where is None or where == GOES_ON:
                     return None  # a page boundary falls in it
-                if where == AHEAD and not walking and scan.pages:
-                    return None  # a lookup pages through nothing
+                if where == AHEAD and not walking and scan.pages and not scan.hot:
+                    return None  # a lookup pages through nothing, but in a hot scan
                 if where == AHEAD:
                     await self._fetch(scan, len(scan.pages))
                     continue
@@ -374,7 +395,7 @@ class Scans:
         request's time. What Azure said is the same, so they are what parsing would give."""
         marker = scan.pages[index - 1].next_marker if index else None
         # Carried entries hold while this mount changed nothing since they were listed.
-        carried = scan.carry if index == len(scan.pages) and \
+        carried = scan.carry if index == scan.carry_to and \
             scan.carried_at == self.lists.generation else {}
         scan.carry = {}
         size = self.page_size()
@@ -414,8 +435,13 @@ class Scans:
         self.made[id(new)] = (new, built)  # the page it replaces left ``made`` above
         while len(self.made) > MADE_KEPT:
             self.made.popitem(last=False)
+        # The pages after it still begin where it ends if its continuation is the one it
+        # had: they stay (a walk refetching pages in order carries from one to the next).
+        later = scan.pages[index + 1:] if old is not None and next_marker is not None \
+            and next_marker == old.next_marker else []
         del scan.pages[index:]
         scan.pages.append(new)
+        scan.pages.extend(later)
         listings = dict(built)  # built stays as parsing made it: carried entries go here
         for directory, entries in carried.items():
             listings[directory] = {**entries, **listings.get(directory, {})}
@@ -432,4 +458,4 @@ class Scans:
                         prefixes[directory]) and len(listings[directory]) <= MAX_CARRIED \
                         and not changed.touches(directory):
                     scan.carry[directory] = listings[directory]
-        scan.carried_at = self.lists.generation
+        scan.carried_at, scan.carry_to = self.lists.generation, index + 1
