@@ -285,6 +285,27 @@ def test_a_page_asked_for_again_with_the_same_answer_is_not_parsed_again() -> No
     trio.run(main)
 
 
+def test_pages_two_walks_alternate_between_are_not_parsed_again() -> None:
+    """A garbage-collect alternates between pages of repositories/ and of blobs/sha256/
+    (its mark phase reads manifests between a repository's readdirs): the pages it
+    refreshes in turn are all reused while their answers stay the same."""
+    async def main() -> None:
+        names = [f"{top}/d{i:03}/f" for top in ("blobs", "repos") for i in range(60)]
+        driver = PagedNames(names, page=20)  # three pages each
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        scans = [ns.scans._start("blobs"), ns.scans._start("repos")]
+        for scan in scans:
+            for index in range(3):
+                await ns.scans._fetch(scan, index)
+        for _ in range(2):
+            for index in range(3):
+                for scan in scans:
+                    await ns.scans._fetch(scan, index)
+        assert driver.unchanged == 12, driver.unchanged
+
+    trio.run(main)
+
+
 def test_a_walks_ancestors_are_still_directories_while_its_page_is_fresh() -> None:
     """A registry's catalog walks docker/registry/v2/repositories again and again, its own
     scan; the kernel asks about each ancestor every dir_entry_timeout, when their listings

@@ -60,7 +60,9 @@ Invariants:
   them).
 - Memory: a scan keeps its page boundaries (two names a page and a sample of SAMPLES);
   listings live in the listing cache, bounded in bytes, and in ``made`` (MADE_KEPT pages'
-  worth). At most MAX_SCANS scans are kept, the least recently used dropped.
+  worth, mostly the same objects as the cache's: enough for the pages a garbage-collect
+  alternates between, 2 to 3 each of repositories/ and blobs/sha256/). At most MAX_SCANS
+  scans are kept, the least recently used dropped.
 
 Code between two ``await``s is atomic (trio); one page of a scan is fetched at a time.
 """
@@ -90,7 +92,7 @@ MIN_PAGE = 500  # the smallest flat page a scan asks for, however slow Azure lis
 PAGE_LATENCY_SHARE = 0.25
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
-MADE_KEPT = 2  # pages whose listings are kept to be made again without parsing (_fetch)
+MADE_KEPT = 8  # pages whose listings are kept to be made again without parsing (_fetch)
 HOT_SIBLINGS = 3  # children of one directory missed by lookups within dir_timeout: scan it
 MAX_CARRIED = 5000  # entries a directory going on into the next page may carry
 AHEAD = -1  # locate(): the names lie past the pages fetched so far
