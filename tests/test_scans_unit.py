@@ -7,9 +7,11 @@ from __future__ import annotations
 import bisect
 import hashlib
 
+import pytest
 import trio
 
 from azregfs.config import Config
+from azregfs.fs import scans
 from azregfs.fs.namespace import Namespace
 from azregfs.fs.nodes import Entry, join
 from azregfs.fs.scans import AHEAD, GOES_ON, MIN_PAGE, Page, Scan, whole_directories
@@ -293,13 +295,13 @@ def test_pages_two_walks_alternate_between_are_not_parsed_again() -> None:
         names = [f"{top}/d{i:03}/f" for top in ("blobs", "repos") for i in range(60)]
         driver = PagedNames(names, page=20)  # three pages each
         ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
-        scans = [ns.scans._start("blobs"), ns.scans._start("repos")]
-        for scan in scans:
+        both = [ns.scans._start("blobs"), ns.scans._start("repos")]
+        for scan in both:
             for index in range(3):
                 await ns.scans._fetch(scan, index)
         for _ in range(2):
             for index in range(3):
-                for scan in scans:
+                for scan in both:
                     await ns.scans._fetch(scan, index)
         assert driver.unchanged == 12, driver.unchanged
 
@@ -567,11 +569,16 @@ def test_a_name_that_lands_makes_its_directories_exist_in_cached_listings() -> N
     trio.run(main)
 
 
-def test_a_walk_bigger_than_the_listing_cache_fetches_pages_again_not_directories() -> None:
+@pytest.mark.parametrize("made_kept", [scans.MADE_KEPT, 1])
+def test_a_walk_bigger_than_the_listing_cache_lists_no_directory_again(
+        made_kept: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Listings of a fresh page pushed out of the listing cache by the walk's next pages (a
-    registry bigger than listing_cache_size, with a long dir_timeout) cost the page again,
-    once, not a level listing of each directory left in it: 946 LISTs for a catalog of
-    1,000 repositories before (bench/gc.py -o dir_timeout=10)."""
+    registry bigger than listing_cache_size, with a long dir_timeout) are kept again from
+    what the page made; past MADE_KEPT pages, the page is asked for again. Never a level
+    listing of each directory: 946 LISTs for a catalog of 1,000 repositories once
+    (bench/gc.py -o dir_timeout=10)."""
+    monkeypatch.setattr(scans, "MADE_KEPT", made_kept)
+
     async def main() -> None:
         names = [f"repositories/p{p}/a{a}/{kind}/{i}/link" for p in range(6) for a in range(10)
                  for kind in ("_layers", "_manifests") for i in range(6)]
@@ -585,6 +592,9 @@ def test_a_walk_bigger_than_the_listing_cache_fetches_pages_again_not_directorie
             assert all(seen[path] == truth(names, path) for path in seen)
         levels = [request for request in driver.requests if request.startswith("level")]
         assert len(levels) <= 4, levels  # the directories pages straddle, not each one
-        assert len(driver.requests) <= 20, driver.requests
+        if made_kept >= 3:  # the walk's 3 pages: the second walk asks for nothing
+            assert len(driver.requests) == 4, driver.requests
+        else:  # each page again, a few times
+            assert len(driver.requests) <= 20, driver.requests
 
     trio.run(main)

@@ -116,6 +116,15 @@ class Page:
 
 
 @dataclass
+class Made:
+    """What a page made: every directory's listing as parsed (``built``), and those kept
+    in the listing cache (``kept``: the whole ones, with what the page before carried)."""
+    page: Page
+    built: dict[str, dict[str, Entry]]
+    kept: dict[str, dict[str, Entry]]
+
+
+@dataclass
 class Scan:
     root: str  # the directory path listed flat
     prefix: str  # its blob-name prefix
@@ -202,9 +211,10 @@ class Scans:
         self.dir_timeout = dir_timeout
         self.scans: cachetools.LRUCache[str, Scan] = cachetools.LRUCache(maxsize=MAX_SCANS)
         self.list_rate: float | None = None  # blobs a second full flat pages came in at
-        # The listings the last MADE_KEPT pages fetched made (Listings.tree), by page: one
+        # The listings the last MADE_KEPT pages fetched made (Listings.tree), and those of
+        # them kept in the listing cache, by page: one
         # asked for again with the same answer makes them again without parsing (_fetch).
-        self.made: OrderedDict[int, tuple[Page, dict[str, dict[str, Entry]]]] = OrderedDict()
+        self.made: OrderedDict[int, Made] = OrderedDict()
         # directory -> its children in which lookups just missed (for_lookup)
         self.missed_under: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
             maxsize=4096, ttl=max(dir_timeout, 0.001))
@@ -301,6 +311,8 @@ class Scans:
                     continue
                 where = scan.locate(dir_prefix)
                 if where is None or where == GOES_ON:
+                    if walking and self._kept_by_a_page(scan, path):
+                        continue  # completed by the page after the boundary: kept again
                     return None  # a page boundary falls in it
                 if where == AHEAD and not walking and scan.pages and not scan.hot:
                     return None  # a lookup pages through nothing, but in a hot scan
@@ -310,11 +322,13 @@ class Scans:
                 if time.monotonic() - scan.pages[where].asked_at >= self.dir_timeout:
                     await self._refresh(scan, where, path, walking)
                 elif walking and self.lists.get(path) is None and \
-                        scan.pages[where].generation == self.lists.generation:
+                        scan.pages[where].generation == self.lists.generation and \
+                        not self._keep_again(scan.pages[where]):
                     # Fresh, and nothing changed here since, but not in the listing cache:
                     # pushed out by what came after it (a walk bigger than
-                    # listing_cache_size). The page again (one request for what the walk
-                    # reads next), not a level listing of each directory left in it.
+                    # listing_cache_size), and no longer in ``made``. The page again (one
+                    # request for what the walk reads next), not a level listing of each
+                    # directory left in it.
                     log.debug("listing of %r pushed out of the listing cache: page %d of "
                               "the scan of %r again", path, where, scan.root)
                     await self._fetch(scan, where)
@@ -367,6 +381,28 @@ class Scans:
         await self._fetch(scan, where)
         if where < len(scan.pages):
             scan.pages[where].refreshed, scan.pages[where].pace = (now, done), pace
+
+    def _keep_again(self, page: Page) -> bool:
+        """Keep again the listings a fresh page kept, while this mount changed nothing
+        since it was asked for: they are what it would say, till its own deadline."""
+        made = self.made.get(id(page))
+        if made is None or made.page is not page or page.generation != self.lists.generation:
+            return False
+        for directory, entries in made.kept.items():
+            self.lists.keep_walked(directory, entries, page.asked_at)
+        self.made.move_to_end(id(page))
+        return True
+
+    def _kept_by_a_page(self, scan: Scan, path: str) -> bool:
+        """A fresh page of the scan kept the directory (one it completed, that a boundary
+        falls in) and keeps it again (``_keep_again``)."""
+        now = time.monotonic()
+        for page in scan.pages:
+            made = self.made.get(id(page))
+            if made is not None and path in made.kept and \
+                    now - page.asked_at < self.dir_timeout and self._keep_again(page):
+                return True
+        return False
 
     def page_size(self) -> int:
         """The blobs to ask of a flat page: as many as Azure lists within
@@ -422,7 +458,7 @@ class Scans:
         if page.unchanged and made is not None and old is not None:
             log.debug("page %d of the scan of %r asked for again: unchanged, not parsed",
                       index, scan.root)
-            built = made[1]
+            built = made.built
             last, next_marker = old.last, old.next_marker
             new = replace(old, asked_at=asked_at, generation=generation, refreshed=None,
                           pace=0.0)
@@ -434,9 +470,6 @@ class Scans:
             next_marker = page.next_marker
             new = _page(marker, page.blobs, last, next_marker, asked_at, generation, size,
                         page.digest)
-        self.made[id(new)] = (new, built)  # the page it replaces left ``made`` above
-        while len(self.made) > MADE_KEPT:
-            self.made.popitem(last=False)
         # The pages after it still begin where it ends if its continuation is the one it
         # had: they stay (a walk refetching pages in order carries from one to the next).
         later = scan.pages[index + 1:] if old is not None and next_marker is not None \
@@ -450,9 +483,14 @@ class Scans:
         prefixes = {directory: self.lists.dir_prefix(directory) for directory in listings}
         whole = whole_directories(listings, prefixes, previous_last, last,
                                   next_marker is None, carried)
+        kept = {}
         for directory in whole:
             if not changed.touches(directory):
                 self.lists.keep_walked(directory, listings[directory], asked_at)
+                kept[directory] = listings[directory]
+        self.made[id(new)] = Made(new, built, kept)  # the one it replaces left above
+        while len(self.made) > MADE_KEPT:
+            self.made.popitem(last=False)
         if next_marker is not None and last is not None:
             for directory in listings.keys() - set(whole):
                 began_here = not _under(previous_last, prefixes[directory])
