@@ -30,10 +30,11 @@ Invariants:
   dir_timeouts (at most twice the requests of the page again); else the page. Never each
   small directory by itself. The pages after a refetched page stay if its continuation
   marker is the one it had (they still begin where it ends; what it carries goes to the
-  next, ``carry_to``), else they are forgotten, as their boundaries may have moved. So is
-  a fresh page whose listings the
-  cache pushed out (a walk bigger than listing_cache_size) while this mount changed
-  nothing: its page again, not a level listing of each directory.
+  next, ``carry_to``), else they are forgotten, as their boundaries may have moved.
+- A fresh page whose listings the cache pushed out (a walk bigger than
+  listing_cache_size), while this mount changed nothing since it was asked for, keeps
+  them again from ``made`` till its own deadline (``_keep_again``); past MADE_KEPT pages,
+  its page is asked for again. Never a level listing of each directory.
 - A change this mount makes under a scan while one of its pages is fetched keeps the
   directories it touched out of the cache (the page may predate the change).
 - A page asked for again whose answer has the digest of the one it had, while this mount
@@ -262,7 +263,7 @@ class Scans:
         """A lookup's listing of the directory, from a scan that covers it or one started
         at its parent once lookups missed in HOT_SIBLINGS of the parent's children within
         dir_timeout (a garbage-collect reads manifests under blobs/sha256/<2 hex>/ in no
-        order a walk follows); else None. A lookup never fetches pages ahead."""
+        order a walk follows); else None. A lookup fetches pages ahead only in a hot scan."""
         scan = self.covering(path)
         if scan is None or (path and scan.root == path and self._expired(scan)):
             # No scan, or only this directory's own whose pages all expired (most often a
