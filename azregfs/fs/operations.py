@@ -419,11 +419,8 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
         node = self.ns.get(inode)
         if not node.is_dir:
             raise FSError(errno.ENOTDIR)
-        listing = await self.ns.listing(node)
-        if inode == ROOT_INODE:
-            listing.pop(control.CONTROL_NAME, None)  # never listed (control.py)
         fh = self._fh()
-        self.dir_handles[fh] = DirHandle(node, sorted(listing.items()))
+        self.dir_handles[fh] = DirHandle(node)
         node.opens += 1
         return fh
 
@@ -435,8 +432,15 @@ class Operations(NamespaceChanges, pyfuse3.Operations):
                     return
             return
         handle = self.dir_handles[fh]
-        for index in range(start_id, len(handle.entries)):
-            name, entry = handle.entries[index]
+        if handle.entries is None or start_id == 0:
+            listing = await self.ns.listing(handle.node)
+            if handle.node.inode == ROOT_INODE:
+                listing = {name: entry for name, entry in listing.items()
+                           if name != control.CONTROL_NAME}  # never listed (control.py)
+            handle.entries = sorted(listing.items())
+        entries = handle.entries
+        for index in range(start_id, len(entries)):
+            name, entry = entries[index]
             path = join(handle.node.path, name)
             node = self.ns.remember(path, entry)
             if not pyfuse3.readdir_reply(token, name.encode(), self.ns.attributes(node), index + 1):

@@ -92,4 +92,6 @@ class Handle:
 @dataclass
 class DirHandle:
     node: Node
-    entries: list[tuple[str, Entry]]
+    # Listed at the first readdir (and again at a rewind), not at opendir: a walk (find's
+    # fts) opens many directories only to come back up through them.
+    entries: list[tuple[str, Entry]] | None = None
