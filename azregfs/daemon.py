@@ -254,6 +254,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self.cache.start(nursery)
             self.writes.start(nursery)
+            self.namespace.scans.start(nursery)
             nursery.start_soon(self._watch_signals, nursery)
             nursery.start_soon(self.namespace.markers.task)
             nursery.start_soon(self._tune_kernel_read_ahead)

@@ -350,8 +350,9 @@ class Namespace:
         entries = self.local.listing(directory.path, time.monotonic())
         if entries is None:
             entries = self.lists.get(directory.path)
-        if entries is None:
-            entries = await self.scans.listing(directory.path)
+            if entries is None:
+                entries = await self.scans.listing(directory.path)
+            self.scans.walked(directory.path)  # pages fetched ahead of the walk
         if entries is None:
             entries = await self.lists.level(directory.path)
         pending = self.pending.get(directory.path)

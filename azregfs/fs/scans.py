@@ -56,6 +56,14 @@ Invariants:
   small scans under blobs/sha256/<2 hex>/ hid a hot blobs/sha256/ (a LIST a manifest in
   a garbage-collect). A lookup fetches pages ahead (PAGES_AHEAD) only in a hot scan, and
   refreshes a page it needed twice within dir_timeout whole.
+- With a nursery (the daemon's, ``start``), a walk does not wait for the pages it will
+  need (``walked``): the page it is in is fetched again in the background before it
+  expires, if the walk will still be in it and is fast enough to use it (the page rule of
+  ``_refresh``), and the page after before the walk reaches it. Its pace is measured from
+  the sample of names (blobs crossed since the page was asked for). One such fetch a scan
+  at a time, under the scan's lock like any other; none when a request takes more than
+  about a third of dir_timeout. Fetched early, a page only expires sooner: no listing
+  lives longer than dir_timeout from its request.
 - A scan fetches at most PAGES_AHEAD pages to reach a directory further on; past that, the
   directory gets a scan of its own (a walk that prunes big subtrees does not page through
   them).
@@ -94,6 +102,7 @@ PAGE_LATENCY_SHARE = 0.25
 SAMPLES = 100  # names a page keeps: how far into it a walk got
 MAX_SCANS = 256
 MADE_KEPT = 8  # pages whose listings are kept to be made again without parsing (_fetch)
+AHEAD_CHECK_EVERY = 0.01  # seconds between a walk's checks for a page to fetch ahead
 HOT_SIBLINGS = 3  # children of one directory missed by lookups within dir_timeout: scan it
 MAX_CARRIED = 5000  # entries a directory going on into the next page may carry
 AHEAD = -1  # locate(): the names lie past the pages fetched so far
@@ -114,6 +123,7 @@ class Page:
     generation: int = -1  # Listings.generation when it was asked for
     size: int = 0  # the blobs asked for
     digest: bytes = b""  # of the answer (ListPage.digest)
+    took: float = 0.0  # seconds its request took
 
 
 @dataclass
@@ -137,6 +147,7 @@ class Scan:
     carried_at: int = -1  # Listings.generation when carried
     carry_to: int = -1  # the page that completes them
     hot: bool = False  # lookups in many of its children: they may fetch pages ahead too
+    ahead: bool = False  # a page is being fetched ahead of the walk (``walked``)
 
     @property
     def ended(self) -> bool:
@@ -219,6 +230,13 @@ class Scans:
         # directory -> its children in which lookups just missed (for_lookup)
         self.missed_under: cachetools.TTLCache[str, set[str]] = cachetools.TTLCache(
             maxsize=4096, ttl=max(dir_timeout, 0.001))
+        self.nursery: trio.Nursery | None = None  # where pages are fetched ahead (walked)
+        self.checked_at = 0.0  # when walked last looked for a page to fetch ahead
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Fetch pages ahead of walks in this nursery (the daemon's); without one, a walk
+        waits for every page it needs."""
+        self.nursery = nursery
 
     def covering(self, path: str) -> Scan | None:
         """The deepest scan whose subtree holds path."""
@@ -285,6 +303,85 @@ class Scans:
                 elif scan is None:
                     return None
         return await self._answer(scan, path, walking=False)
+
+    def walked(self, path: str) -> None:
+        """A walk read the directory's listing. Fetch in the background the page it will
+        need before it needs it (``_ahead_of``): the walk goes on from the listings it has
+        while Azure answers, instead of waiting for every page, and every refetch of the
+        page it is in. Listings still live dir_timeout from their request: a page fetched
+        ahead is only ever younger than one fetched when the walk came to it."""
+        if self.nursery is None:
+            return
+        now = time.monotonic()
+        if now - self.checked_at < AHEAD_CHECK_EVERY:
+            return
+        self.checked_at = now
+        scan = self.covering(path)
+        if scan is None or scan.ahead or scan.lock.locked():
+            return
+        ahead = self._ahead_of(scan, path, now)
+        if ahead is not None:
+            index, done = ahead
+            scan.ahead = True
+            old = scan.pages[index] if index < len(scan.pages) else None
+            self.nursery.start_soon(self._fetch_ahead, scan, index, old, done)
+
+    def _ahead_of(self, scan: Scan, path: str, now: float) -> tuple[int, int] | None:
+        """The page a walk at path will need within the time a request takes (and how far
+        into it the walk is): the page it is in, if it expires before the walk leaves it
+        and the walk is fast enough to use much of it again (the page rule of
+        ``_refresh``); else the page after, if the walk reaches it before it would come
+        and it is not fetched, or would be expired by then. None: nothing, or Azure lists
+        too slowly (a request taking about a third of dir_timeout) for it to pay."""
+        dir_prefix = self.lists.dir_prefix(path)
+        where = scan.locate(dir_prefix)
+        if where is None or where < 0:
+            return None
+        page = scan.pages[where]
+        lead = 1.5 * page.took + AHEAD_CHECK_EVERY  # how early a request starts to be in time
+        if not page.blobs or not page.took or 2 * lead > self.dir_timeout:
+            return None
+        done = bisect.bisect_left(page.sample, dir_prefix) * page.stride
+        since, before = page.refreshed or (page.asked_at, 0)
+        if now - since < lead or done <= before:
+            return None  # no pace measured yet
+        pace = (done - before) * self.dir_timeout / (now - since)  # blobs per dir_timeout
+        left = page.blobs - done
+        leaves_in = left * self.dir_timeout / pace  # seconds
+        expires_in = page.asked_at + self.dir_timeout - now
+        if expires_in < max(lead, self.dir_timeout / 4) and leaves_in > expires_in:
+            return (where, done) if 2 * pace >= left / 2 else None
+        # The page after: early rather than late (a walk goes in bursts: a directory's
+        # files, then the next); fetched early, it only expires a little sooner.
+        if leaves_in < self.dir_timeout / 2 and where + 1 < len(scan.pages) + (not scan.ended):
+            following = scan.pages[where + 1] if where + 1 < len(scan.pages) else None
+            if following is None or \
+                    following.asked_at + self.dir_timeout < now + leaves_in + lead:
+                return where + 1, 0
+        return None
+
+    async def _fetch_ahead(self, scan: Scan, index: int, old: Page | None, done: int) -> None:
+        """Fetch page `index` of the scan for a walk on its way to it (``walked``), unless
+        someone fetched it meanwhile; a failure is the walk's to meet, when it gets there."""
+        try:
+            async with scan.lock:
+                current = scan.pages[index] if index < len(scan.pages) else None
+                if current is not old or index > len(scan.pages):
+                    return
+                log.debug("page %d of the scan of %r fetched ahead of a walk", index, scan.root)
+                asked_at = time.monotonic()
+                await self._fetch(scan, index)
+                if index < len(scan.pages):
+                    # The walk's pace in it is measured from where it was at the request.
+                    scan.pages[index].refreshed = (asked_at, done)
+        except FSError as exc:
+            log.debug("page %d of the scan of %r, fetched ahead of a walk: %s", index,
+                      scan.root, exc)
+        except Exception:  # a bug here must not take the mount down with it
+            log.exception("page %d of the scan of %r, fetched ahead of a walk, failed "
+                          "unexpectedly", index, scan.root)
+        finally:
+            scan.ahead = False
 
     def _expired(self, scan: Scan) -> bool:
         """Every page of the scan was asked for dir_timeout ago or more."""
@@ -455,6 +552,7 @@ class Scans:
             raise FSError(exc.errno, str(exc)) from None
         finally:
             self.lists.watchers.remove(changed)
+        took = time.monotonic() - asked_at
         previous_last = scan.pages[index - 1].last if index else None
         if page.unchanged and made is not None and old is not None:
             log.debug("page %d of the scan of %r asked for again: unchanged, not parsed",
@@ -462,15 +560,16 @@ class Scans:
             built = made.built
             last, next_marker = old.last, old.next_marker
             new = replace(old, asked_at=asked_at, generation=generation, refreshed=None,
-                          pace=0.0)
+                          pace=0.0, took=took)
         else:
             if page.next_marker is not None:  # a full page: its size set how long it took
-                self._measured(len(page.blobs), time.monotonic() - asked_at)
+                self._measured(len(page.blobs), took)
             built = self.lists.tree(scan.root, page.blobs)
             last = page.blobs[-1].name if page.blobs else previous_last
             next_marker = page.next_marker
             new = _page(marker, page.blobs, last, next_marker, asked_at, generation, size,
                         page.digest)
+            new.took = took
         # The pages after it still begin where it ends if its continuation is the one it
         # had: they stay (a walk refetching pages in order carries from one to the next).
         later = scan.pages[index + 1:] if old is not None and next_marker is not None \
