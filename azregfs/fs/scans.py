@@ -17,7 +17,9 @@ Invariants:
   which page to fetch, and whether a directory known only by its marker blob is empty.
 - A directory that begins in the last page fetched and goes on past it is carried (its
   entries so far); the page after completes it, and a walk at it fetches that page rather
-  than list it by level. A scan never answers another directory that a boundary falls in,
+  than list it by level, unless it holds half a full page or more (the scan's root and its
+  top directories: the next page seldom completes them, and the walk would wait for pages
+  it reaches only later). A scan never answers another directory that a boundary falls in,
   nor one that a refetched page cut: the caller lists those by level.
 - Each listing is cached for dir_timeout from when its page was asked for, like any other
   (listings.py). So a page is asked for no bigger than Azure lists within
@@ -403,6 +405,12 @@ class Scans:
                 if entries is not None:
                     return entries
                 if walking and path in scan.carry:
+                    last = scan.pages[scan.carry_to - 1]
+                    if last.blobs >= MIN_PAGE and _span(last, dir_prefix) * 2 >= last.blobs:
+                        # Half a full page or more (the scan's root, its top directories):
+                        # the next page seldom completes it. By level, and the walk goes on
+                        # rather than wait for pages it reaches later (or ahead of it).
+                        return None
                     await self._fetch(scan, scan.carry_to)  # completes it, most often
                     if path in scan.carry:
                         return None  # a big directory: listed by level
