@@ -193,6 +193,11 @@ def _under(name: str | None, dir_prefix: str) -> bool:
     return name is not None and name.startswith(dir_prefix)
 
 
+def _behind(dir_prefix: str, walk_at: str) -> bool:
+    """Every name under dir_prefix comes before walk_at, which is not under it."""
+    return not walk_at.startswith(dir_prefix) and dir_prefix.encode() < walk_at.encode()
+
+
 def sorts_after(name: str, dir_prefix: str) -> bool:
     """name comes after every name under dir_prefix in Azure's order (UTF-8 bytes)."""
     return not name.startswith(dir_prefix) and name.encode() > dir_prefix.encode()
@@ -326,7 +331,8 @@ class Scans:
             index, done = ahead
             scan.ahead = True
             old = scan.pages[index] if index < len(scan.pages) else None
-            self.nursery.start_soon(self._fetch_ahead, scan, index, old, done)
+            self.nursery.start_soon(self._fetch_ahead, scan, index, old, done,
+                                    self.lists.dir_prefix(path))
 
     def _ahead_of(self, scan: Scan, path: str, now: float) -> tuple[int, int] | None:
         """The page a walk at path will need within the time a request takes (and how far
@@ -362,9 +368,11 @@ class Scans:
                 return where + 1, 0
         return None
 
-    async def _fetch_ahead(self, scan: Scan, index: int, old: Page | None, done: int) -> None:
-        """Fetch page `index` of the scan for a walk on its way to it (``walked``), unless
-        someone fetched it meanwhile; a failure is the walk's to meet, when it gets there."""
+    async def _fetch_ahead(self, scan: Scan, index: int, old: Page | None, done: int,
+                           walk_at: str) -> None:
+        """Fetch page `index` of the scan for a walk at `walk_at` on its way to it
+        (``walked``), unless someone fetched it meanwhile; a failure is the walk's to meet,
+        when it gets there."""
         try:
             async with scan.lock:
                 current = scan.pages[index] if index < len(scan.pages) else None
@@ -372,7 +380,7 @@ class Scans:
                     return
                 log.debug("page %d of the scan of %r fetched ahead of a walk", index, scan.root)
                 asked_at = time.monotonic()
-                await self._fetch(scan, index)
+                await self._fetch(scan, index, walk_at)
                 if index < len(scan.pages):
                     # The walk's pace in it is measured from where it was at the request.
                     scan.pages[index].refreshed = (asked_at, done)
@@ -530,8 +538,10 @@ class Scans:
         scan = self.scans[path] = Scan(path, self.lists.dir_prefix(path))
         return scan
 
-    async def _fetch(self, scan: Scan, index: int) -> None:
-        """(Re)fetch page `index` of a scan; cache every directory it holds whole.
+    async def _fetch(self, scan: Scan, index: int, walk_at: str = "") -> None:
+        """(Re)fetch page `index` of a scan; cache every directory it holds whole, but those
+        a walk at `walk_at` (a blob-name prefix) has left behind: fetched again ahead of a
+        walk, they would only push listings still in use out of the cache.
 
         A page asked for again (its listings expired under the walk) whose answer is the
         one it had, while this mount changed nothing since, is neither parsed nor turned
@@ -593,6 +603,8 @@ class Scans:
                                   next_marker is None, carried)
         kept = {}
         for directory in whole:
+            if walk_at and _behind(prefixes[directory], walk_at):
+                continue
             if not changed.touches(directory):
                 self.lists.keep_walked(directory, listings[directory], asked_at)
                 kept[directory] = listings[directory]
