@@ -136,3 +136,28 @@ def test_a_listing_dropped_for_room_is_freed_at_once_not_held_until_its_deadline
     cache["second"] = listing("b")  # no room for both: the first goes
     gc.collect()
     assert watch() is None and cache.get("first") is None
+
+
+def test_a_pages_listings_kept_at_once_live_as_if_kept_one_by_one() -> None:
+    """put_many (a walk's page keeping thousands of listings again and again): the same
+    deadlines, sizes and least-recently-used order as put; sizes counted once."""
+    clock = Clock()
+    one = listing("a")
+    size = _listing_bytes(one)
+    cache = ListingCache(maxsize=3 * size + 1, ttl=1.0, timer=clock)
+    cache.put("old", listing("z"))
+    asked_at = clock.now
+    clock.now += 0.5
+    sizes: dict[str, int] = {}
+    cache.put_many({"d1": one, "d2": listing("b"), "d3": listing("c")}, asked_at, sizes)
+    assert "old" not in cache  # the least recently used went first past the budget
+    assert cache.currsize == 3 * size and sizes == {"d1": size, "d2": size, "d3": size}
+    sizes["d1"] = size + 1  # memoized: not counted again
+    cache.put_many({"d1": one}, clock.now, sizes)
+    assert cache.currsize == 3 * size + 1
+    assert cache.get("d2") is not None
+    clock.now = asked_at + 1.0  # d2 and d3: ttl from their request
+    assert cache.get("d2") is None and cache.get("d3") is None
+    assert cache.get("d1") is one  # kept again later: its later deadline
+    cache.put_many({"late": one}, clock.now - 1.0, {})  # as old as ttl on arrival
+    assert "late" not in cache

@@ -75,6 +75,30 @@ class Watch:
         return bool(self.subtrees) and any(is_under(directory, top) for top in self.subtrees)
 
 
+class RecentSet:
+    """The last `maxsize` paths added (an OrderedDict: cachetools' LRUCache costs some
+    2 µs an insert, for each directory of every page a walk keeps)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._paths: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, path: str) -> None:
+        paths = self._paths
+        if path in paths:
+            paths.move_to_end(path)
+            return
+        paths[path] = None
+        if len(paths) > self.maxsize:
+            paths.popitem(last=False)
+
+    def discard(self, path: str) -> None:
+        self._paths.pop(path, None)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._paths
+
+
 def _listing_bytes(entries: dict[str, Entry]) -> int:
     """A listing's memory, estimated: names, entries and their blob properties."""
     return 256 + 600 * len(entries) + 2 * sum(map(len, entries))
@@ -140,6 +164,33 @@ class ListingCache:
         while self.currsize > self.maxsize:
             self._drop(next(iter(self._items)))
 
+    def put_many(self, listings: dict[str, dict[str, Entry]], asked_at: float,
+                 sizes: dict[str, int]) -> None:
+        """``put`` for the listings of one request (a walk's page), at a fraction of the
+        CPU: a garbage-collect keeps a page's thousands of listings again every dir_timeout.
+        `sizes` memoizes their ``_listing_bytes`` (filled here): kept again, they are not
+        counted again."""
+        now = self.timer()
+        self._expire(now)
+        deadline = asked_at + self.ttl
+        if deadline <= now:
+            return
+        items, deadlines, maxsize = self._items, self._deadlines, self.maxsize
+        for path, entries in listings.items():
+            size = sizes.get(path)
+            if size is None:
+                size = sizes[path] = _listing_bytes(entries)
+            old = items.pop(path, None)
+            if old is not None:
+                self.currsize -= old[1]
+            if size > maxsize:
+                continue
+            items[path] = (entries, size, deadline)
+            deadlines.append((deadline, path))
+            self.currsize += size
+            while self.currsize > maxsize:
+                self._drop(next(iter(items)))
+
     def pop(self, path: str, default: dict[str, Entry] | None = None
             ) -> dict[str, Entry] | None:
         item = self._items.get(path)
@@ -177,7 +228,7 @@ class Listings:
         self.big_subtrees: cachetools.TTLCache[str, int] = cachetools.TTLCache(
             maxsize=4096, ttl=300)
         # Directories whose last listing fit in one small page: lookups there list them.
-        self.small_dirs: cachetools.LRUCache[str, bool] = cachetools.LRUCache(maxsize=4096)
+        self.small_dirs = RecentSet(4096)
         self.generation = 0  # bumped by each change we note: a flat fetch checks it
         self.fetching: dict[str, list[_Fetch]] = {}  # dir path -> listings being fetched
         self.watchers: list[Watch] = []  # a walk's flat pages being fetched (scans.py)
@@ -263,11 +314,11 @@ class Listings:
         except StorageError as exc:
             raise FSError(exc.errno, str(exc)) from None
         if page is None:
-            self.small_dirs.pop(path, None)
+            self.small_dirs.discard(path)
             return None
         entries: dict[str, Entry] = {}
         self._add_page(path, entries, *page)
-        self.small_dirs[path] = True
+        self.small_dirs.add(path)
         return entries
 
     async def subtree_if_small(
@@ -295,7 +346,7 @@ class Listings:
             return await self.level_if_small(path)
         for directory, entries in listings.items():
             self.keep(directory, entries, asked_at)
-            self.small_dirs[directory] = True
+            self.small_dirs.add(directory)
         if listed is not None:
             listed(blobs, asked_at, generation)
         return listings[path]
@@ -328,11 +379,15 @@ class Listings:
         reader: pages, not memory)."""
         self.cache.put(path, entries, asked_at)
 
-    def keep_walked(self, path: str, entries: dict[str, Entry], asked_at: float) -> None:
-        """A directory's whole listing from a walk's flat page (scans.py)."""
-        self.keep(path, entries, asked_at)
-        if len(entries) <= SMALL_LISTING:
-            self.small_dirs[path] = True
+    def keep_walked(self, listings: dict[str, dict[str, Entry]], asked_at: float,
+                    sizes: dict[str, int]) -> None:
+        """Directories' whole listings from a walk's flat page (scans.py); `sizes`
+        memoizes their sizes (``ListingCache.put_many``)."""
+        self.cache.put_many(listings, asked_at, sizes)
+        small_dirs = self.small_dirs
+        for path, entries in listings.items():
+            if len(entries) <= SMALL_LISTING:
+                small_dirs.add(path)
 
     def tree(self, path: str, blobs: list[BlobInfo]) -> dict[str, dict[str, Entry]]:
         """The listing of path and of every directory below it, from a flat listing."""

@@ -135,6 +135,8 @@ class Made:
     page: Page
     built: dict[str, dict[str, Entry]]
     kept: dict[str, dict[str, Entry]]
+    sizes: dict[str, int]  # the listing cache's size of each kept listing (put_many)
+    prefixes: dict[str, str]  # each built directory's blob-name prefix
 
 
 @dataclass
@@ -502,8 +504,7 @@ class Scans:
         made = self.made.get(id(page))
         if made is None or made.page is not page or page.generation != self.lists.generation:
             return False
-        for directory, entries in made.kept.items():
-            self.lists.keep_walked(directory, entries, page.asked_at)
+        self.lists.keep_walked(made.kept, page.asked_at, made.sizes)
         self.made.move_to_end(id(page))
         return True
 
@@ -575,7 +576,7 @@ class Scans:
         if page.unchanged and made is not None and old is not None:
             log.debug("page %d of the scan of %r asked for again: unchanged, not parsed",
                       index, scan.root)
-            built = made.built
+            built, sizes, prefixes = made.built, made.sizes, made.prefixes
             last, next_marker = old.last, old.next_marker
             new = replace(old, asked_at=asked_at, generation=generation, refreshed=None,
                           pace=0.0, took=took)
@@ -583,6 +584,8 @@ class Scans:
             if page.next_marker is not None:  # a full page: its size set how long it took
                 self._measured(len(page.blobs), took)
             built = self.lists.tree(scan.root, page.blobs)
+            sizes, prefixes = {}, {directory: self.lists.dir_prefix(directory)
+                                   for directory in built}
             last = page.blobs[-1].name if page.blobs else previous_last
             next_marker = page.next_marker
             new = _page(marker, page.blobs, last, next_marker, asked_at, generation, size,
@@ -596,19 +599,23 @@ class Scans:
         scan.pages.append(new)
         scan.pages.extend(later)
         listings = dict(built)  # built stays as parsing made it: carried entries go here
-        for directory, entries in carried.items():
-            listings[directory] = {**entries, **listings.get(directory, {})}
-        prefixes = {directory: self.lists.dir_prefix(directory) for directory in listings}
+        built_prefixes = prefixes
+        if carried:
+            prefixes = dict(prefixes)
+            for directory, entries in carried.items():
+                listings[directory] = {**entries, **listings.get(directory, {})}
+                prefixes[directory] = self.lists.dir_prefix(directory)
         whole = whole_directories(listings, prefixes, previous_last, last,
                                   next_marker is None, carried)
-        kept = {}
-        for directory in whole:
-            if walk_at and _behind(prefixes[directory], walk_at):
-                continue
-            if not changed.touches(directory):
-                self.lists.keep_walked(directory, listings[directory], asked_at)
-                kept[directory] = listings[directory]
-        self.made[id(new)] = Made(new, built, kept)  # the one it replaces left above
+        touches = changed.touches if changed.dirs or changed.subtrees else None
+        kept = {directory: listings[directory] for directory in whole
+                if not (walk_at and _behind(prefixes[directory], walk_at))
+                and not (touches and touches(directory))}
+        self.lists.keep_walked(kept, asked_at, sizes)
+        for directory in carried:
+            sizes.pop(directory, None)  # merged for this fetch only
+        # The one it replaces left above; what was carried is not built (made again).
+        self.made[id(new)] = Made(new, built, kept, sizes, built_prefixes)
         while len(self.made) > MADE_KEPT:
             self.made.popitem(last=False)
         if next_marker is not None and last is not None:
