@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,35 @@ def step_action(step: str, config: Path, mount: Path, registry: Registry | None,
     raise SystemExit(f"unknown step {step!r}")
 
 
+def walk_floor(data: synthetic.SyntheticRegistry, work: Path, objects: int
+               ) -> dict[str, Any]:
+    """find and du over bench/treefs.py serving the same names from memory: what the FUSE
+    requests of the walk cost any pyfuse3 daemon (wall time, and its CPU)."""
+    names, mount = work / "names.txt", work / "floor"
+    names.write_text("".join(f"{len(content)} {name}\n"
+                             for name, content in data.objects.items()))
+    mount.mkdir()
+    process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("treefs.py")),
+                                str(names), str(mount)], stdout=subprocess.PIPE, text=True)
+    rows: dict[str, Any] = {}
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "mounted"
+        for command in (["find", "."], ["du", "-s", "--apparent-size", "."]):
+            for phase in ("cold", "warm"):
+                cpu, started = cpu_seconds(process.pid), time.monotonic()
+                out = run(command, cwd=mount)
+                wall, cpu = time.monotonic() - started, cpu_seconds(process.pid) - cpu
+                rows[f"{command[0]}-{phase}"] = {"wall": round(wall, 2), "cpu": round(cpu, 2)}
+                result = len(out.splitlines()) if command[0] == "find" else out.split()[0]
+                print(f"{'floor ' + command[0]:<16} {phase:<5} {wall:>8.2f} s        0 req "
+                      f"(pyfuse3 in memory)  cpu {cpu:.2f} s ({1000 * cpu / objects:.3f} "
+                      f"ms/object)  result {result}")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    return rows
+
+
 def print_row(step: str, phase: str, row: dict[str, Any], objects: int) -> None:
     requests = ", ".join(f"{op} {n}" for op, n in sorted(row["requests"].items()))
     fuse = ", ".join(f"{op} {n}" for op, n in sorted(row["fuse"].items(), key=lambda i: -i[1])
@@ -127,7 +157,9 @@ def main() -> int:
     parser.add_argument("--latency", type=float, default=0.0, metavar="MS")
     parser.add_argument("-o", dest="options", default="", help="mount options")
     parser.add_argument("--steps", default="gc-dry-run,catalog,tags,find,du,gc",
-                        help="comma-separated, in order (gc deletes the orphans)")
+                        help="comma-separated, in order (gc deletes the orphans); `floor`: "
+                             "find and du over the same names served from memory by a "
+                             "bare pyfuse3 file system (bench/treefs.py)")
     parser.add_argument("--json", help="also write the figures here")
     parser.add_argument("--logs", metavar="DIR",
                         help="keep each step's mount log here (else they go with the run)")
@@ -172,6 +204,9 @@ def main() -> int:
         config = work / "registry.yml"
         config.write_text(registry_config(mount, 0))
         for step in args.steps.split(","):
+            if step == "floor":
+                results["steps"]["floor"] = walk_floor(registry_data, work, objects)
+                continue
             logs = Path(args.logs) if args.logs else work
             process = start_mount(endpoint, CONTAINER, mount, args.options,  # type: ignore
                                   logs / f"{step}.log", args.log_level)
