@@ -195,11 +195,6 @@ def _under(name: str | None, dir_prefix: str) -> bool:
     return name is not None and name.startswith(dir_prefix)
 
 
-def _behind(dir_prefix: str, walk_at: str) -> bool:
-    """Every name under dir_prefix comes before walk_at, which is not under it."""
-    return not walk_at.startswith(dir_prefix) and dir_prefix.encode() < walk_at.encode()
-
-
 def sorts_after(name: str, dir_prefix: str) -> bool:
     """name comes after every name under dir_prefix in Azure's order (UTF-8 bytes)."""
     return not name.startswith(dir_prefix) and name.encode() > dir_prefix.encode()
@@ -333,8 +328,7 @@ class Scans:
             index, done = ahead
             scan.ahead = True
             old = scan.pages[index] if index < len(scan.pages) else None
-            self.nursery.start_soon(self._fetch_ahead, scan, index, old, done,
-                                    self.lists.dir_prefix(path))
+            self.nursery.start_soon(self._fetch_ahead, scan, index, old, done)
 
     def _ahead_of(self, scan: Scan, path: str, now: float) -> tuple[int, int] | None:
         """The page a walk at path will need within the time a request takes (and how far
@@ -370,11 +364,9 @@ class Scans:
                 return where + 1, 0
         return None
 
-    async def _fetch_ahead(self, scan: Scan, index: int, old: Page | None, done: int,
-                           walk_at: str) -> None:
-        """Fetch page `index` of the scan for a walk at `walk_at` on its way to it
-        (``walked``), unless someone fetched it meanwhile; a failure is the walk's to meet,
-        when it gets there."""
+    async def _fetch_ahead(self, scan: Scan, index: int, old: Page | None, done: int) -> None:
+        """Fetch page `index` of the scan for a walk on its way to it (``walked``), unless
+        someone fetched it meanwhile; a failure is the walk's to meet, when it gets there."""
         try:
             async with scan.lock:
                 current = scan.pages[index] if index < len(scan.pages) else None
@@ -382,7 +374,7 @@ class Scans:
                     return
                 log.debug("page %d of the scan of %r fetched ahead of a walk", index, scan.root)
                 asked_at = time.monotonic()
-                await self._fetch(scan, index, walk_at)
+                await self._fetch(scan, index)
                 if index < len(scan.pages):
                     # The walk's pace in it is measured from where it was at the request.
                     scan.pages[index].refreshed = (asked_at, done)
@@ -539,10 +531,8 @@ class Scans:
         scan = self.scans[path] = Scan(path, self.lists.dir_prefix(path))
         return scan
 
-    async def _fetch(self, scan: Scan, index: int, walk_at: str = "") -> None:
-        """(Re)fetch page `index` of a scan; cache every directory it holds whole, but those
-        a walk at `walk_at` (a blob-name prefix) has left behind: fetched again ahead of a
-        walk, they would only push listings still in use out of the cache.
+    async def _fetch(self, scan: Scan, index: int) -> None:
+        """(Re)fetch page `index` of a scan; cache every directory it holds whole.
 
         A page asked for again (its listings expired under the walk) whose answer is the
         one it had, while this mount changed nothing since, is neither parsed nor turned
@@ -609,8 +599,7 @@ class Scans:
                                   next_marker is None, carried)
         touches = changed.touches if changed.dirs or changed.subtrees else None
         kept = {directory: listings[directory] for directory in whole
-                if not (walk_at and _behind(prefixes[directory], walk_at))
-                and not (touches and touches(directory))}
+                if not (touches and touches(directory))}
         self.lists.keep_walked(kept, asked_at, sizes)
         for directory in carried:
             sizes.pop(directory, None)  # merged for this fetch only
