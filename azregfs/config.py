@@ -70,7 +70,7 @@ class Config:
     writeback_cache: bool = False
     marker_delay: float = 2.0  # an empty directory's marker blob is written this late
     # Data path.
-    listing_cache_size: int = 16 * MiB  # directory listings kept for dir_timeout
+    listing_cache_size: int = 32 * MiB  # directory listings kept for dir_timeout
     max_inodes: int = 250_000  # past it, the kernel is asked to drop its oldest entries
     block_size: int = 8 * MiB
     read_block_size: int = 1 * MiB
