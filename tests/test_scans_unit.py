@@ -5,6 +5,7 @@ names as List Blobs does. The same walks against Azurite are in tests/test_walks
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 
 import pytest
@@ -13,9 +14,10 @@ import trio
 from azregfs.config import Config
 from azregfs.fs import scans
 from azregfs.fs.namespace import Namespace
-from azregfs.fs.nodes import Entry, join
+from azregfs.fs.nodes import Entry, FSError, join
 from azregfs.fs.scans import AHEAD, GOES_ON, MIN_PAGE, Page, Scan, whole_directories
 from azregfs.storage.blobs import BlobInfo, ListPage
+from azregfs.storage.driver import StorageError
 
 
 class PagedNames:
@@ -664,5 +666,50 @@ def test_a_walk_does_not_wait_for_the_pages_it_will_need(
             assert len(flat) <= 2 * (count // 50 + windows), driver.requests
         else:
             assert len(driver.waited) >= count // 50, driver.waited
+
+    trio.run(main)
+
+
+class Unreachable(PagedNames):
+    """Flat pages that fail after `seconds` (every retry of a request timed out)."""
+
+    def __init__(self, names: list[str], seconds: float) -> None:
+        super().__init__(names, page=1000)
+        self.seconds = seconds
+
+    async def list_page(self, prefix: str, marker: str | None, size: int = 5000,
+                        same_as: bytes = b"") -> ListPage:
+        self.requests.append(f"flat {prefix} {marker}")
+        await trio.sleep(self.seconds)
+        raise StorageError(errno.EIO, "cannot reach the storage service")
+
+
+def test_callers_waiting_for_a_page_that_fails_get_its_failure_not_a_request_each() -> None:
+    """Lookups and walks under one scan fetch its pages one at a time. While Azure is
+    unreachable each request fails only after its retries; a caller queued behind it that
+    then asked on its own waited for two (a stat of 39 s in test_faults' outage, against
+    a bound of one request), and the last of n callers for n."""
+    async def main() -> None:
+        driver = Unreachable(TREE, seconds=0.2)
+        ns = Namespace(Config(dir_timeout=60), driver)  # type: ignore[arg-type]
+        ns.scans._start("")
+        failures: list[tuple[int, float]] = []
+
+        async def walk_to(path: str) -> None:
+            started = trio.current_time()
+            with pytest.raises(FSError) as raised:
+                await ns.scans.listing(path)
+            failures.append((raised.value.errno, trio.current_time() - started))
+
+        async with trio.open_nursery() as nursery:
+            for path in ("r0", "r1", "r2", "blobs"):
+                nursery.start_soon(walk_to, path)
+        assert driver.requests == ["flat  None"]  # one request, whose failure all got
+        assert [code for code, _ in failures] == [errno.EIO] * 4
+        assert max(seconds for _, seconds in failures) < 0.35  # one request's time, not 4
+        # A caller that comes after the failure asks again (Azure may be back).
+        with pytest.raises(FSError):
+            await ns.scans.listing("r3")
+        assert len(driver.requests) == 2
 
     trio.run(main)

@@ -75,7 +75,10 @@ Invariants:
   alternates between, 2 to 3 each of repositories/ and blobs/sha256/). At most MAX_SCANS
   scans are kept, the least recently used dropped.
 
-Code between two ``await``s is atomic (trio); one page of a scan is fetched at a time.
+Code between two ``await``s is atomic (trio); one page of a scan is fetched at a time, under
+its lock. Callers that waited for the lock while the request under it failed get that
+failure (``_locked``): while Azure is unreachable, no caller waits for more than the request
+it found in flight, however many are queued.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ import bisect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 import cachetools
@@ -151,6 +155,7 @@ class Scan:
     carried_at: int = -1  # Listings.generation when carried
     carry_to: int = -1  # the page that completes them
     hot: bool = False  # lookups in many of its children: they may fetch pages ahead too
+    failed: tuple[float, FSError] | None = None  # when a fetch under its lock last failed
     ahead: bool = False  # a page is being fetched ahead of the walk (``walked``)
 
     @property
@@ -368,7 +373,7 @@ class Scans:
         """Fetch page `index` of the scan for a walk on its way to it (``walked``), unless
         someone fetched it meanwhile; a failure is the walk's to meet, when it gets there."""
         try:
-            async with scan.lock:
+            async with self._locked(scan):
                 current = scan.pages[index] if index < len(scan.pages) else None
                 if current is not old or index > len(scan.pages):
                     return
@@ -392,6 +397,25 @@ class Scans:
         now = time.monotonic()
         return all(now - page.asked_at >= self.dir_timeout for page in scan.pages)
 
+    @asynccontextmanager
+    async def _locked(self, scan: Scan) -> AsyncIterator[None]:
+        """The scan's lock: one fetch at a time. A caller that waited while the holder's
+        request failed (Azure unreachable: every retry timed out) gets that failure, not a
+        request of its own after it: no caller waits out two requests' worst cases (or,
+        queued behind others, many)."""
+        waited_from = time.monotonic()
+        async with scan.lock:
+            failed = scan.failed
+            if failed is not None and failed[0] >= waited_from:
+                error = FSError(failed[1].errno, failed[1].message)
+                error.repeated = True  # logged once, by the caller whose request it was
+                raise error
+            try:
+                yield
+            except FSError as exc:
+                scan.failed = (time.monotonic(), exc)
+                raise
+
     async def _answer(self, scan: Scan, path: str, walking: bool) -> dict[str, Entry] | None:
         """The listing for a walk; for a lookup, only one fetched by this call (a missing
         name is asked of Azure: a cached listing may only answer it with a yes)."""
@@ -401,7 +425,7 @@ class Scans:
         def usable(entries: dict[str, Entry] | None) -> dict[str, Entry] | None:
             return entries if walking or entries is not cached else None
 
-        async with scan.lock:
+        async with self._locked(scan):
             for _ in range(PAGES_AHEAD):
                 entries = usable(self.lists.get(path))
                 if entries is not None:
