@@ -149,20 +149,7 @@ class ListingCache:
     def put(self, path: str, entries: dict[str, Entry], asked_at: float | None = None) -> None:
         """Keep a listing until `ttl` after `asked_at` (its request's sending; None: now).
         One already that old replaces nothing and is not kept: its caller still has it."""
-        now = self.timer()
-        self._expire(now)
-        deadline = (now if asked_at is None else asked_at) + self.ttl
-        if deadline <= now:
-            return
-        self.pop(path, None)
-        size = _listing_bytes(entries)
-        if size > self.maxsize:
-            return
-        self._items[path] = (entries, size, deadline)
-        self._deadlines.append((deadline, path))
-        self.currsize += size
-        while self.currsize > self.maxsize:
-            self._drop(next(iter(self._items)))
+        self.put_many({path: entries}, self.timer() if asked_at is None else asked_at, {})
 
     def put_many(self, listings: dict[str, dict[str, Entry]], asked_at: float,
                  sizes: dict[str, int]) -> None:
