@@ -196,6 +196,11 @@ def _span(page: Page, dir_prefix: str) -> int:
     return (bisect.bisect_left(page.sample, dir_prefix + "\U0010ffff") - first) * page.stride
 
 
+def _walked_into(page: Page, dir_prefix: str) -> int:
+    """About how many of the page's blobs come before dir_prefix (from its sample)."""
+    return bisect.bisect_left(page.sample, dir_prefix) * page.stride
+
+
 def _under(name: str | None, dir_prefix: str) -> bool:
     return name is not None and name.startswith(dir_prefix)
 
@@ -350,11 +355,12 @@ class Scans:
         lead = 1.5 * page.took + AHEAD_CHECK_EVERY  # how early a request starts to be in time
         if not page.blobs or not page.took or 2 * lead > self.dir_timeout:
             return None
-        done = bisect.bisect_left(page.sample, dir_prefix) * page.stride
-        since, before = page.refreshed or (page.asked_at, 0)
-        if now - since < lead or done <= before:
-            return None  # no pace measured yet
-        pace = (done - before) * self.dir_timeout / (now - since)  # blobs per dir_timeout
+        done = _walked_into(page, dir_prefix)
+        if now - (page.refreshed or (page.asked_at, 0))[0] < lead:
+            return None  # too soon to measure a pace
+        pace = self._pace(page, done, now)
+        if not pace:
+            return None  # the walk is no further on than when the pace was last measured
         left = page.blobs - done
         leaves_in = left * self.dir_timeout / pace  # seconds
         expires_in = page.asked_at + self.dir_timeout - now
@@ -481,13 +487,9 @@ class Scans:
         a second refresh in it within dir_timeout."""
         page = scan.pages[where]
         now = time.monotonic()
-        done = bisect.bisect_left(page.sample, self.lists.dir_prefix(path)) * page.stride
-        if page.refreshed is None:  # the walk's first refresh here: its pace since the page
-            pace = done * self.dir_timeout / max(now - page.asked_at, 1e-3)
-        elif done > page.refreshed[1]:  # since the last refresh
-            pace = (done - page.refreshed[1]) * self.dir_timeout / max(
-                now - page.refreshed[0], 1e-3)
-        else:  # the walk started again (a registry's catalog does, page after page)
+        done = _walked_into(page, self.lists.dir_prefix(path))
+        pace = self._pace(page, done, now)
+        if pace is None:  # the walk started again (a registry's catalog does, page after page)
             pace = page.pace
         if not walking and page.refreshed is not None and \
                 now - page.refreshed[0] < self.dir_timeout:
@@ -513,6 +515,15 @@ class Scans:
         await self._fetch(scan, where)
         if where < len(scan.pages):
             scan.pages[where].refreshed, scan.pages[where].pace = (now, done), pace
+
+    def _pace(self, page: Page, done: int, now: float) -> float | None:
+        """Blobs of the page a walk now `done` blobs into it crosses a dir_timeout: since the
+        page's last refresh (when and how far in the walk was then), or since it was asked
+        for. None if the walk is no further on than then (it started again)."""
+        since, before = page.refreshed or (page.asked_at, 0)
+        if page.refreshed is not None and done <= before:
+            return None
+        return (done - before) * self.dir_timeout / max(now - since, 1e-3)
 
     def _keep_again(self, page: Page) -> bool:
         """Keep again the listings a fresh page kept, while this mount changed nothing
